@@ -1,0 +1,130 @@
+#ifndef VALVE_BUCKET_CORE_HPP
+#define VALVE_BUCKET_CORE_HPP
+
+#include <valve/rate.hpp>
+
+#include <boost/system/error_code.hpp>
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+
+namespace valve {
+
+/// The arithmetic of a token bucket, with time passed in: no clock, no I/O, no executor.
+///
+/// A bucket of `burst` tokens refilled at a `rate`, kept in the GCRA ("generic cell rate
+/// algorithm") form: one integer, the theoretical time at which the bucket would be full again,
+/// in fractions of a nanosecond chosen so that the rate is represented exactly (any rate
+/// `k per d` whose token interval `d / k` is a multiple of 1/8 ns is exact, and every other rate
+/// is within one part in 10^9 or better). Granting, refilling and waiting are additions and
+/// comparisons on that integer, so there is no floating drift however long the bucket lives.
+///
+/// Time points must come from one monotonic clock (`steady_clock`); a time earlier than one the
+/// bucket has already seen is treated as that earlier time's successor, never as going back.
+///
+/// Thread safety: every member may be called concurrently from any thread. `try_take`,
+/// `earliest`, `reserve`, `cancel`, `refund` and `available` are lock-free (one atomic word);
+/// `set_rate` and `set_burst` serialise among themselves on a mutex the lock-free calls never
+/// touch.
+class bucket_core {
+public:
+    using clock = std::chrono::steady_clock;
+    using time_point = clock::time_point;
+
+    /// The result of `reserve`: tokens taken now and granted at `ready`.
+    struct reservation {
+        /// Tokens reserved; zero for an empty or failed reservation.
+        std::size_t tokens = 0;
+        /// When the tokens may be used; `time_point::max()` when the rate is zero and they
+        /// will only come from a later rate change.
+        time_point ready{};
+        // Where the bucket's state stood right after this reservation, to tell on cancel whether
+        // later reservations were made behind it.
+        std::int64_t after_ = 0;
+        unsigned version_ = 0;
+    };
+
+    /// A full bucket of `burst` tokens refilled at `r`, starting at `now`.
+    ///
+    /// Throws `valve::error` (`errc::invalid_argument`) for an invalid rate (see `validate`), a
+    /// zero burst, or a burst that takes more than 200 days to refill at `r`.
+    bucket_core(rate r, std::size_t burst, time_point now);
+
+    bucket_core(const bucket_core&) = delete;
+    bucket_core& operator=(const bucket_core&) = delete;
+
+    /// Takes `n` tokens if the bucket holds them at `now`; returns whether it did.
+    /// `n == 0` always succeeds; `n > burst()` always fails (unless the rate is unlimited).
+    bool try_take(std::size_t n, time_point now) noexcept;
+
+    /// The earliest time at which `n` tokens could be taken, if `ahead` tokens were taken
+    /// first and nobody else took any; `now` if at once. `time_point::max()` if never: the
+    /// rate is zero and the burst is used up, or `n > burst()`.
+    time_point earliest(std::size_t n, time_point now, std::size_t ahead = 0) const noexcept;
+
+    /// Takes `n` tokens now, to be used at the returned reservation's `ready` time (which may
+    /// be in the future: the bucket goes into debt, and later callers wait behind it).
+    ///
+    /// Fails with `errc::exceeds_burst` if `n > burst()`, or `errc::would_exceed_deadline` if
+    /// the tokens would only be ready after `deadline`; a failed reservation takes nothing.
+    reservation reserve(std::size_t n, time_point now, boost::system::error_code& ec,
+                        time_point deadline = time_point::max()) noexcept;
+
+    /// Cancels a reservation whose `ready` time has not passed, returning its tokens less any
+    /// that reservations made after it have already claimed (as `x/time/rate` does). Returns
+    /// the number of tokens given back (possibly fractional). A reservation made before a
+    /// later rate or burst change gives back nothing.
+    double cancel(const reservation& r, time_point now) noexcept;
+
+    /// Puts back `n` tokens taken at `now` that turned out not to be needed (for example one
+    /// bucket of an all-or-nothing acquisition that another bucket refused). Never fills the
+    /// bucket beyond its burst.
+    void refund(std::size_t n, time_point now) noexcept;
+
+    /// Changes the rate, keeping the tokens accrued so far (and any debt of reservations).
+    /// Throws `valve::error` (`errc::invalid_argument`) for an invalid rate.
+    void set_rate(rate r, time_point now);
+
+    /// Changes the burst, keeping the tokens accrued so far up to the new burst.
+    /// Throws `valve::error` (`errc::invalid_argument`) for zero or a burst too long to refill.
+    void set_burst(std::size_t burst, time_point now);
+
+    /// The rate in force.
+    rate current_rate() const noexcept;
+
+    /// The burst in force.
+    std::size_t burst() const noexcept;
+
+    /// Tokens in the bucket at `now`: at most `burst()`, negative while reservations are in debt.
+    double available(time_point now) const noexcept;
+
+private:
+    struct config;
+    struct slot {
+        std::atomic<std::int64_t> epoch{0};   // ns since the clock's epoch that state times count from
+        std::atomic<std::int64_t> scale{1};   // state units per nanosecond (1..8)
+        std::atomic<std::int64_t> cost{0};    // state units per token
+        std::atomic<std::uint64_t> burst{1};
+        std::atomic<int> mode{0};
+        std::atomic<double> count{0.0};       // the rate as given, for current_rate()
+        std::atomic<std::int64_t> period{1};
+    };
+
+    static config make_config(const rate& r, std::size_t burst, std::int64_t epoch);
+    config load(unsigned version) const noexcept;
+    void publish(unsigned version, const config& c) noexcept;
+    void reconfigure(const rate* r, const std::size_t* burst, time_point now);
+    void rebase(time_point now) noexcept;
+
+    std::atomic<std::uint64_t> state_;
+    std::array<slot, 16> slots_;
+    std::mutex writer_;
+};
+
+} // namespace valve
+
+#endif

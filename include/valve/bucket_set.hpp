@@ -1,0 +1,100 @@
+#ifndef VALVE_BUCKET_SET_HPP
+#define VALVE_BUCKET_SET_HPP
+
+#include <valve/token_bucket.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/async_result.hpp>
+
+#include <chrono>
+#include <cstddef>
+#include <functional>
+#include <initializer_list>
+#include <memory>
+#include <vector>
+
+namespace valve {
+
+namespace detail {
+void initiate_acquire_all(const std::vector<std::shared_ptr<bucket_impl>>& buckets,
+                          const boost::asio::any_io_executor& ex, acquire_handler handler, std::size_t n,
+                          std::chrono::steady_clock::time_point deadline);
+} // namespace detail
+
+/// Several buckets taken from together, all or nothing: 2/s *and* 10/min *and* a disk bucket.
+///
+/// An acquisition takes `n` tokens from every bucket at one instant or from none. While it
+/// waits it holds nothing: it sleeps until the moment every bucket could give `n` (after the
+/// waiters already queued on each), then takes from all; if another caller got there first, it
+/// gives back what it took and plans again. So no bucket's tokens sit idle while another is slow.
+///
+/// The buckets are shared, not owned: each may be used on its own and in other sets. Their
+/// queues stay alive as long as an acquisition needs them.
+///
+/// Thread safety: every member function may be called from any thread, concurrently.
+class bucket_set {
+public:
+    using executor_type = boost::asio::any_io_executor;
+    using clock = std::chrono::steady_clock;
+    using time_point = clock::time_point;
+
+    /// The set of `buckets`; acquisitions wait on the first bucket's executor.
+    /// Throws `valve::error` (`errc::invalid_argument`) when `buckets` is empty.
+    bucket_set(std::initializer_list<std::reference_wrapper<token_bucket>> buckets);
+
+    /// As above, from any range of bucket references.
+    explicit bucket_set(const std::vector<std::reference_wrapper<token_bucket>>& buckets);
+
+    executor_type get_executor() const noexcept { return executor_; }
+
+    /// Takes `n` tokens from every bucket if all have them now and none has a queued waiter;
+    /// otherwise takes nothing. Never blocks or throws.
+    bool try_acquire(std::size_t n = 1) noexcept;
+
+    /// Waits until `n` tokens can be taken from every bucket at once, and takes them.
+    ///
+    /// Completion signature: `void(boost::system::error_code)`, invoked through the handler's
+    /// associated executor (the set's by default), never from inside this call. Errors:
+    /// `errc::exceeds_burst` at once when `n` exceeds any bucket's burst; `operation_aborted`
+    /// when cancelled.
+    ///
+    /// Per-operation cancellation: terminal, partial and total cancellation are honoured while
+    /// waiting; a cancelled acquisition has taken nothing from any bucket.
+    template <class CompletionToken>
+    auto async_acquire(std::size_t n, CompletionToken&& token)
+    {
+        return async_acquire(n, time_point::max(), std::forward<CompletionToken>(token));
+    }
+
+    /// As above, but fails with `errc::would_exceed_deadline` (taking nothing) as soon as the
+    /// tokens are known not to be available by `deadline`.
+    template <class CompletionToken>
+    auto async_acquire(std::size_t n, time_point deadline, CompletionToken&& token)
+    {
+        return boost::asio::async_initiate<CompletionToken, void(boost::system::error_code)>(
+            initiation{}, token, this, n, deadline);
+    }
+
+    /// When `n` tokens could be taken from every bucket, behind their queued waiters.
+    time_point next_available(std::size_t n = 1) const noexcept;
+
+    /// The number of buckets in the set.
+    std::size_t size() const noexcept { return buckets_.size(); }
+
+private:
+    struct initiation {
+        template <class Handler>
+        void operator()(Handler&& handler, bucket_set* self, std::size_t n, time_point deadline) const
+        {
+            detail::initiate_acquire_all(self->buckets_, self->executor_,
+                                         detail::acquire_handler(std::forward<Handler>(handler)), n, deadline);
+        }
+    };
+
+    std::vector<std::shared_ptr<detail::bucket_impl>> buckets_;
+    executor_type executor_;
+};
+
+} // namespace valve
+
+#endif

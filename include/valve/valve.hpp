@@ -1,0 +1,13 @@
+#ifndef VALVE_VALVE_HPP
+#define VALVE_VALVE_HPP
+
+// All of valve's public headers.
+
+#include <valve/bucket_core.hpp>
+#include <valve/bucket_set.hpp>
+#include <valve/error.hpp>
+#include <valve/log.hpp>
+#include <valve/rate.hpp>
+#include <valve/token_bucket.hpp>
+
+#endif

@@ -1,0 +1,352 @@
+#include <valve/bucket_core.hpp>
+
+#include <valve/error.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+
+namespace valve {
+
+namespace {
+
+// The state word: | version (4 bits) | whole ns since the epoch (57 bits) | remainder (3 bits) |.
+// The time it holds is the GCRA "theoretical arrival time": when the bucket would be full again.
+constexpr int version_shift = 60;
+constexpr int rem_bits = 3;
+constexpr std::uint64_t rel_mask = (std::uint64_t{1} << 57) - 1;
+// A bucket re-anchors its epoch after ~417 days, far below the 57-bit (4.5 year) range.
+constexpr std::int64_t rebase_after_ns = std::int64_t{1} << 55;
+// The longest refill of a whole burst, and the deepest debt of reservations (~208 days each).
+constexpr std::int64_t max_window_ns = std::int64_t{1} << 54;
+// In a zero-rate bucket time stands still; a token is this many (timeless) units.
+constexpr std::int64_t frozen_cost = 1'000'000;
+
+enum mode : int { finite = 0, frozen = 1, unlimited = 2 };
+
+std::int64_t to_ns(bucket_core::time_point t) noexcept
+{
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+}
+
+} // namespace
+
+struct bucket_core::config {
+    std::int64_t epoch = 0;
+    std::int64_t scale = 1;
+    std::int64_t cost = 1;
+    std::uint64_t burst = 1;
+    int mode = finite;
+    double count = 0.0;
+    std::int64_t period = 1;
+
+    std::int64_t window() const noexcept { return static_cast<std::int64_t>(burst) * cost; }
+
+    std::int64_t rel_ns(time_point now) const noexcept { return std::max<std::int64_t>(to_ns(now) - epoch, 0); }
+
+    // "now" in state units; time stands still at the epoch in a zero-rate bucket.
+    std::int64_t now_units(time_point now) const noexcept { return mode == frozen ? 0 : rel_ns(now) * scale; }
+
+    time_point time_of(std::int64_t units) const noexcept
+    {
+        const std::int64_t ns = (units + scale - 1) / scale;
+        return time_point{std::chrono::duration_cast<clock::duration>(std::chrono::nanoseconds{epoch + ns})};
+    }
+
+    std::int64_t decode(std::uint64_t s) const noexcept
+    {
+        return static_cast<std::int64_t>((s >> rem_bits) & rel_mask) * scale
+               + static_cast<std::int64_t>(s & ((1u << rem_bits) - 1));
+    }
+
+    static std::uint64_t encode(unsigned version, std::int64_t units, std::int64_t scale) noexcept
+    {
+        return (std::uint64_t{version} << version_shift)
+               | (static_cast<std::uint64_t>(units / scale) << rem_bits)
+               | static_cast<std::uint64_t>(units % scale);
+    }
+
+    bool needs_rebase(time_point now) const noexcept { return mode == finite && rel_ns(now) >= rebase_after_ns; }
+};
+
+namespace {
+unsigned version_of(std::uint64_t s) noexcept { return static_cast<unsigned>(s >> version_shift); }
+} // namespace
+
+bucket_core::config bucket_core::make_config(const rate& r, std::size_t burst, std::int64_t epoch)
+{
+    if (validate(r))
+        detail::throw_error(errc::invalid_argument,
+                            "valve: invalid rate (count " + std::to_string(r.count()) + " per "
+                                + std::to_string(r.period().count())
+                                + " ns): use a finite, non-negative count over a positive period, "
+                                  "at most 8 tokens per nanosecond, or rate::unlimited()");
+    if (burst == 0)
+        detail::throw_error(errc::invalid_argument,
+                            "valve: burst must be at least 1 (a bucket with burst 0 could never grant)");
+    bucket_core::config c;
+    c.epoch = epoch;
+    c.burst = burst;
+    c.count = r.count();
+    c.period = r.period().count();
+    if (r.is_unlimited()) {
+        c.mode = unlimited;
+        return c;
+    }
+    if (r.is_zero()) {
+        c.mode = frozen;
+        c.cost = frozen_cost;
+    } else {
+        // Pick the state resolution (1/1 .. 1/8 ns) in which one token's interval is closest
+        // to a whole number of units; most rates are exact in one of them.
+        long double best_err = std::numeric_limits<long double>::infinity();
+        for (std::int64_t n = 1; n <= 8; ++n) {
+            const long double ideal = static_cast<long double>(n) * static_cast<long double>(c.period)
+                                      / static_cast<long double>(c.count);
+            const long double rounded = std::max<long double>(1.0L, std::round(ideal));
+            const long double err = std::fabs(rounded - ideal) / ideal;
+            if (err < best_err) {
+                best_err = err;
+                c.scale = n;
+                c.cost = static_cast<std::int64_t>(rounded);
+            }
+            if (err == 0.0L) break;
+        }
+    }
+    const long double window_ns = static_cast<long double>(burst) * static_cast<long double>(c.cost)
+                                  / static_cast<long double>(c.scale);
+    if (window_ns > static_cast<long double>(max_window_ns))
+        detail::throw_error(errc::invalid_argument,
+                            "valve: burst " + std::to_string(burst) + " at rate " + to_string(r)
+                                + " takes more than 200 days to refill: lower the burst or raise the rate");
+    return c;
+}
+
+bucket_core::config bucket_core::load(unsigned version) const noexcept
+{
+    const slot& s = slots_[version];
+    config c;
+    c.epoch = s.epoch.load(std::memory_order_relaxed);
+    c.scale = s.scale.load(std::memory_order_relaxed);
+    c.cost = s.cost.load(std::memory_order_relaxed);
+    c.burst = s.burst.load(std::memory_order_relaxed);
+    c.mode = s.mode.load(std::memory_order_relaxed);
+    c.count = s.count.load(std::memory_order_relaxed);
+    c.period = s.period.load(std::memory_order_relaxed);
+    // A reader that raced with a writer recycling this slot (16 reconfigurations later) may see
+    // a torn mix; its compare-exchange on the state then fails and it starts over. Guard the
+    // arithmetic against the mix meanwhile.
+    if (c.scale < 1 || c.scale > 8) c.scale = 1;
+    if (c.cost < 1) c.cost = 1;
+    if (c.burst < 1) c.burst = 1;
+    return c;
+}
+
+void bucket_core::publish(unsigned version, const config& c) noexcept
+{
+    slot& s = slots_[version];
+    s.epoch.store(c.epoch, std::memory_order_relaxed);
+    s.scale.store(c.scale, std::memory_order_relaxed);
+    s.cost.store(c.cost, std::memory_order_relaxed);
+    s.burst.store(c.burst, std::memory_order_relaxed);
+    s.mode.store(c.mode, std::memory_order_relaxed);
+    s.count.store(c.count, std::memory_order_relaxed);
+    s.period.store(c.period, std::memory_order_relaxed);
+    // Made visible by the release of the compare-exchange that installs the new version.
+}
+
+bucket_core::bucket_core(rate r, std::size_t burst, time_point now)
+{
+    const config c = make_config(r, burst, to_ns(now));
+    publish(0, c);
+    // Full time at the epoch: the bucket starts full.
+    state_.store(config::encode(0, 0, c.scale), std::memory_order_release);
+}
+
+bool bucket_core::try_take(std::size_t n, time_point now) noexcept
+{
+    if (n == 0) return true;
+    std::uint64_t s = state_.load(std::memory_order_acquire);
+    for (;;) {
+        const unsigned v = version_of(s);
+        const config c = load(v);
+        if (c.mode == unlimited) return true;
+        if (n > c.burst) return false;
+        if (c.needs_rebase(now)) {
+            rebase(now);
+            s = state_.load(std::memory_order_acquire);
+            continue;
+        }
+        const std::int64_t now_u = c.now_units(now);
+        const std::int64_t x = std::max(c.decode(s), now_u) + static_cast<std::int64_t>(n) * c.cost;
+        if (x - now_u > c.window()) return false;
+        if (state_.compare_exchange_weak(s, config::encode(v, x, c.scale), std::memory_order_acq_rel,
+                                         std::memory_order_acquire))
+            return true;
+    }
+}
+
+bucket_core::time_point bucket_core::earliest(std::size_t n, time_point now, std::size_t ahead) const noexcept
+{
+    const std::uint64_t s = state_.load(std::memory_order_acquire);
+    const config c = load(version_of(s));
+    if (c.mode == unlimited || (n == 0 && ahead == 0)) return now;
+    if (n > c.burst) return time_point::max();
+    const std::int64_t now_u = c.now_units(now);
+    std::int64_t need = 0;
+    std::int64_t x = 0;
+    if (__builtin_mul_overflow(static_cast<std::int64_t>(n + ahead), c.cost, &need)
+        || __builtin_add_overflow(std::max(c.decode(s), now_u), need, &x))
+        return time_point::max();
+    const std::int64_t ready = x - c.window();
+    if (ready <= now_u) return now;
+    if (c.mode == frozen) return time_point::max();
+    return c.time_of(ready);
+}
+
+bucket_core::reservation bucket_core::reserve(std::size_t n, time_point now, boost::system::error_code& ec,
+                                              time_point deadline) noexcept
+{
+    ec = {};
+    std::uint64_t s = state_.load(std::memory_order_acquire);
+    for (;;) {
+        const unsigned v = version_of(s);
+        const config c = load(v);
+        if (n == 0 || c.mode == unlimited) return {n, now, 0, v};
+        if (n > c.burst) {
+            ec = errc::exceeds_burst;
+            return {};
+        }
+        if (c.needs_rebase(now)) {
+            rebase(now);
+            s = state_.load(std::memory_order_acquire);
+            continue;
+        }
+        const std::int64_t now_u = c.now_units(now);
+        const std::int64_t x = std::max(c.decode(s), now_u) + static_cast<std::int64_t>(n) * c.cost;
+        const std::int64_t ready_u = x - c.window();
+        time_point ready = now;
+        if (ready_u > now_u) ready = c.mode == frozen ? time_point::max() : c.time_of(ready_u);
+        if (ready > deadline || x - now_u > max_window_ns * c.scale + c.window()) {
+            ec = errc::would_exceed_deadline;
+            return {};
+        }
+        if (state_.compare_exchange_weak(s, config::encode(v, x, c.scale), std::memory_order_acq_rel,
+                                         std::memory_order_acquire))
+            return {n, ready, x, v};
+    }
+}
+
+double bucket_core::cancel(const reservation& r, time_point now) noexcept
+{
+    if (r.tokens == 0) return 0.0;
+    std::uint64_t s = state_.load(std::memory_order_acquire);
+    for (;;) {
+        const unsigned v = version_of(s);
+        if (v != r.version_) return 0.0;
+        const config c = load(v);
+        if (c.mode == unlimited) return 0.0;
+        if (c.mode != frozen && now >= r.ready) return 0.0; // already due: the tokens are spent
+        const std::int64_t now_u = c.now_units(now);
+        const std::int64_t x = c.decode(s);
+        // Tokens reserved behind this one keep their place; only the rest comes back.
+        const std::int64_t later = std::max<std::int64_t>(x - r.after_, 0);
+        const std::int64_t restore = static_cast<std::int64_t>(r.tokens) * c.cost - later;
+        if (restore <= 0) return 0.0;
+        const std::int64_t nx = std::max(x - restore, std::min(x, now_u));
+        if (nx == x) return 0.0;
+        if (state_.compare_exchange_weak(s, config::encode(v, nx, c.scale), std::memory_order_acq_rel,
+                                         std::memory_order_acquire))
+            return static_cast<double>(x - nx) / static_cast<double>(c.cost);
+    }
+}
+
+void bucket_core::refund(std::size_t n, time_point now) noexcept
+{
+    if (n == 0) return;
+    std::uint64_t s = state_.load(std::memory_order_acquire);
+    for (;;) {
+        const unsigned v = version_of(s);
+        const config c = load(v);
+        if (c.mode == unlimited) return;
+        const std::int64_t now_u = c.now_units(now);
+        const std::int64_t x = c.decode(s);
+        const std::int64_t nx = std::max(x - static_cast<std::int64_t>(n) * c.cost, std::min(x, now_u));
+        if (nx == x) return;
+        if (state_.compare_exchange_weak(s, config::encode(v, nx, c.scale), std::memory_order_acq_rel,
+                                         std::memory_order_acquire))
+            return;
+    }
+}
+
+void bucket_core::set_rate(rate r, time_point now) { reconfigure(&r, nullptr, now); }
+
+void bucket_core::set_burst(std::size_t burst, time_point now) { reconfigure(nullptr, &burst, now); }
+
+void bucket_core::rebase(time_point now) noexcept
+{
+    // Only reached for a valid configuration, which stays valid with a new epoch.
+    try {
+        reconfigure(nullptr, nullptr, now);
+    } catch (...) {
+    }
+}
+
+void bucket_core::reconfigure(const rate* r, const std::size_t* burst, time_point now)
+{
+    std::lock_guard lock{writer_};
+    std::uint64_t s = state_.load(std::memory_order_acquire);
+    const unsigned v = version_of(s);
+    const config old = load(v);
+    if (!r && !burst && !old.needs_rebase(now)) return; // another thread re-anchored already
+    rate next_rate = old.mode == unlimited ? rate::unlimited()
+                                           : rate::per(old.count, std::chrono::nanoseconds{old.period});
+    if (r) next_rate = *r;
+    // The new configuration counts from `now`, which keeps every state in range.
+    const config next = make_config(next_rate, burst ? *burst : old.burst, to_ns(now));
+    const unsigned nv = (v + 1) & 15u;
+    publish(nv, next);
+    for (;;) {
+        // Tokens accrued so far under the old configuration (negative while in debt).
+        long double tokens = static_cast<long double>(old.burst);
+        if (old.mode != unlimited) {
+            const std::int64_t debt = std::max<std::int64_t>(old.decode(s) - old.now_units(now), 0);
+            tokens -= static_cast<long double>(debt) / static_cast<long double>(old.cost);
+        }
+        std::int64_t x = 0;
+        if (next.mode != unlimited) {
+            tokens = std::min(tokens, static_cast<long double>(next.burst));
+            const long double limit = static_cast<long double>(max_window_ns * next.scale + next.window());
+            const long double units = (static_cast<long double>(next.burst) - tokens)
+                                      * static_cast<long double>(next.cost);
+            x = static_cast<std::int64_t>(std::llround(std::min(units, limit)));
+        }
+        if (state_.compare_exchange_weak(s, config::encode(nv, x, next.scale), std::memory_order_acq_rel,
+                                         std::memory_order_acquire))
+            return;
+    }
+}
+
+rate bucket_core::current_rate() const noexcept
+{
+    const config c = load(version_of(state_.load(std::memory_order_acquire)));
+    if (c.mode == unlimited) return rate::unlimited();
+    return rate::per(c.count, std::chrono::nanoseconds{c.period});
+}
+
+std::size_t bucket_core::burst() const noexcept
+{
+    return load(version_of(state_.load(std::memory_order_acquire))).burst;
+}
+
+double bucket_core::available(time_point now) const noexcept
+{
+    const std::uint64_t s = state_.load(std::memory_order_acquire);
+    const config c = load(version_of(s));
+    if (c.mode == unlimited) return std::numeric_limits<double>::infinity();
+    const std::int64_t debt = std::max<std::int64_t>(c.decode(s) - c.now_units(now), 0);
+    return static_cast<double>(c.window() - debt) / static_cast<double>(c.cost);
+}
+
+} // namespace valve

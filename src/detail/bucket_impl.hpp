@@ -1,0 +1,79 @@
+#ifndef VALVE_SRC_DETAIL_BUCKET_IMPL_HPP
+#define VALVE_SRC_DETAIL_BUCKET_IMPL_HPP
+
+// Internal: the state behind valve::token_bucket, shared by token_bucket.cpp and acquire_all.cpp.
+
+#include <valve/bucket_core.hpp>
+#include <valve/token_bucket.hpp>
+
+#include <boost/asio/any_completion_executor.hpp>
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+
+namespace valve::detail {
+
+/// Delivers `ec` to `handler` through its associated executor (defaulting to `fallback`), never
+/// inline.
+void post_completion(acquire_handler handler, const boost::asio::any_io_executor& fallback,
+                     boost::system::error_code ec);
+
+/// How far a late timer may backdate a grant: one token's interval, so a late wake-up loses no
+/// capacity yet never releases more than one token beyond the burst at once.
+std::chrono::nanoseconds backdate_limit(const rate& r) noexcept;
+
+class bucket_impl : public std::enable_shared_from_this<bucket_impl> {
+public:
+    using clock = std::chrono::steady_clock;
+    using time_point = clock::time_point;
+
+    bucket_impl(const boost::asio::any_io_executor& ex, rate r, std::size_t burst);
+
+    void initiate(acquire_handler handler, std::size_t n, time_point deadline);
+    bool try_acquire(std::size_t n) noexcept;
+    void cancel_all();
+    void replan();
+    void close();
+
+    boost::asio::any_io_executor executor_;
+    bucket_core core_;
+    // Waiters between initiation and completion (queued, or on their way to the queue); while
+    // any exist, try_acquire says no so that nobody overtakes them.
+    std::atomic<std::size_t> pending_{0};
+    // Tokens those waiters ask for, for projections (deadlines, next_available, bucket_set).
+    std::atomic<std::size_t> pending_tokens_{0};
+
+private:
+    struct waiter {
+        acquire_handler handler;
+        boost::asio::any_completion_executor work; // keeps the handler's executor from running out of work
+        std::size_t n;
+        time_point deadline;
+    };
+    struct cancel_handler;
+
+    // All below: on strand_ only.
+    void enqueue(std::uint64_t id, waiter w);
+    void on_cancel(std::uint64_t id);
+    void pump(time_point cursor);
+    void finish(std::map<std::uint64_t, waiter>::iterator it, boost::system::error_code ec);
+    void arm(time_point t);
+
+    boost::asio::strand<boost::asio::any_io_executor> strand_;
+    boost::asio::steady_timer timer_;
+    std::map<std::uint64_t, waiter> queue_; // in arrival order; node-based, so handlers never move
+    std::atomic<std::uint64_t> next_id_{0};
+    std::uint64_t timer_generation_ = 0;
+    time_point planned_ = time_point::max();
+    bool closed_ = false;
+};
+
+} // namespace valve::detail
+
+#endif

@@ -1,0 +1,40 @@
+#include <valve/error.hpp>
+
+#include <gtest/gtest.h>
+
+#include <string>
+
+TEST(error, category_is_named_valve_and_stable)
+{
+    const boost::system::error_code ec = valve::errc::queue_full;
+    EXPECT_STREQ(ec.category().name(), "valve");
+    EXPECT_EQ(&ec.category(), &valve::error_category());
+    EXPECT_EQ(ec.value(), static_cast<int>(valve::errc::queue_full));
+    EXPECT_EQ(ec, valve::make_error_code(valve::errc::queue_full));
+    EXPECT_NE(ec, valve::make_error_code(valve::errc::shutting_down));
+}
+
+TEST(error, every_code_has_a_message_that_says_what_to_do)
+{
+    using valve::errc;
+    for (errc e : {errc::invalid_argument, errc::exceeds_burst, errc::would_exceed_deadline, errc::queue_full,
+                   errc::shutting_down, errc::unknown_profile, errc::duplicate_profile, errc::timed_out}) {
+        const std::string m = make_error_code(e).message();
+        EXPECT_GT(m.size(), 20u) << static_cast<int>(e);
+        EXPECT_NE(m, "unknown valve error") << static_cast<int>(e);
+    }
+    EXPECT_NE(make_error_code(valve::errc::exceeds_burst).message().find("burst"), std::string::npos);
+    EXPECT_EQ(valve::error_category().message(9999), "unknown valve error");
+}
+
+TEST(error, valve_error_is_a_system_error_carrying_the_code)
+{
+    try {
+        throw valve::error(valve::errc::unknown_profile, "profile \"gold\"");
+    } catch (const boost::system::system_error& e) {
+        EXPECT_EQ(e.code(), valve::errc::unknown_profile);
+        EXPECT_NE(std::string(e.what()).find("gold"), std::string::npos);
+        return;
+    }
+    FAIL() << "not caught as boost::system::system_error";
+}
