@@ -67,6 +67,8 @@ public:
 
 private:
     struct cancel_handler {
+        explicit cancel_handler(std::weak_ptr<acquire_all_op> o) : op(std::move(o)) {}
+
         std::weak_ptr<acquire_all_op> op;
         void operator()(asio::cancellation_type type) const
         {

@@ -34,6 +34,8 @@ std::chrono::nanoseconds backdate_limit(const rate& r) noexcept
 }
 
 struct bucket_impl::cancel_handler {
+    cancel_handler(std::weak_ptr<bucket_impl> s, std::uint64_t i) : self(std::move(s)), id(i) {}
+
     std::weak_ptr<bucket_impl> self;
     std::uint64_t id;
 
