@@ -20,6 +20,12 @@ namespace valve {
 
 namespace detail {
 
+namespace {
+std::chrono::steady_clock::time_point clock_now() noexcept { return std::chrono::steady_clock::now(); }
+} // namespace
+
+bool try_acquire_now(bucket_impl& impl, std::size_t n) noexcept;
+
 void post_completion(acquire_handler handler, const asio::any_io_executor& fallback, boost::system::error_code ec)
 {
     // post() runs the handler through its own associated executor, `fallback` if it has none.
@@ -50,24 +56,18 @@ struct bucket_impl::cancel_handler {
 };
 
 bucket_impl::bucket_impl(const asio::any_io_executor& ex, rate r, std::size_t burst)
-    : executor_(ex), core_(r, burst, clock::now()), strand_(asio::make_strand(ex)), timer_(strand_)
+    : executor_(ex), core_(r, burst, clock::now()), strand_(asio::make_strand(ex))
 {
 }
 
-bool bucket_impl::try_acquire(std::size_t n) noexcept
-{
-    if (n == 0) return true;
-    if (pending_.load(std::memory_order_acquire) != 0) return false;
-    return core_.try_take(n, clock::now());
-}
+bool bucket_impl::try_acquire(std::size_t n) noexcept { return try_acquire_now(*this, n); }
 
 void bucket_impl::initiate(acquire_handler handler, std::size_t n, time_point deadline)
 {
-    const time_point now = clock::now();
+    if (try_acquire_now(*this, n)) return post_completion(std::move(handler), executor_, {});
     if (n > core_.burst() && !core_.current_rate().is_unlimited())
         return post_completion(std::move(handler), executor_, errc::exceeds_burst);
-    if (n == 0 || (pending_.load(std::memory_order_acquire) == 0 && core_.try_take(n, now)))
-        return post_completion(std::move(handler), executor_, {});
+    const time_point now = clock::now();
     if (core_.earliest(n, now, pending_tokens_.load(std::memory_order_relaxed)) > deadline)
         return post_completion(std::move(handler), executor_, errc::would_exceed_deadline);
 
@@ -147,7 +147,7 @@ void bucket_impl::pump(time_point cursor)
     }
     planned_ = time_point::max();
     ++timer_generation_;
-    timer_.cancel();
+    if (timer_) timer_->cancel();
 }
 
 void bucket_impl::arm(time_point t)
@@ -155,8 +155,9 @@ void bucket_impl::arm(time_point t)
     if (t == planned_) return; // the timer is already set for this moment
     planned_ = t;
     const std::uint64_t generation = ++timer_generation_;
-    timer_.expires_at(t);
-    timer_.async_wait([self = shared_from_this(), generation](boost::system::error_code) {
+    if (!timer_) timer_.emplace(strand_);
+    timer_->expires_at(t);
+    timer_->async_wait([self = shared_from_this(), generation](boost::system::error_code) {
         // Superseded waits (re-planned or cancelled) are ignored by their generation.
         if (generation == self->timer_generation_) self->pump(self->planned_);
     });
@@ -187,6 +188,13 @@ void bucket_impl::close()
     });
 }
 
+bool try_acquire_now(bucket_impl& impl, std::size_t n) noexcept
+{
+    return n == 0 || (impl.pending_.load(std::memory_order_relaxed) == 0 && impl.core_.try_take(n, clock_now()));
+}
+
+const asio::any_io_executor& executor_of(const bucket_impl& impl) noexcept { return impl.executor_; }
+
 void initiate_acquire(const std::shared_ptr<bucket_impl>& impl, acquire_handler handler, std::size_t n,
                       std::chrono::steady_clock::time_point deadline)
 {
@@ -207,7 +215,7 @@ token_bucket::~token_bucket()
 
 token_bucket::executor_type token_bucket::get_executor() const noexcept { return impl_->executor_; }
 
-bool token_bucket::try_acquire(std::size_t n) noexcept { return impl_->try_acquire(n); }
+bool token_bucket::try_acquire(std::size_t n) noexcept { return detail::try_acquire_now(*impl_, n); }
 
 void token_bucket::cancel() { impl_->cancel_all(); }
 

@@ -104,23 +104,28 @@ public:
 
 private:
     struct config;
-    struct slot {
+    // One configuration, read by every call in the fast path; a cache line of its own.
+    struct alignas(64) slot {
         std::atomic<std::int64_t> epoch{0};   // ns since the clock's epoch that state times count from
-        std::atomic<std::int64_t> scale{1};   // state units per nanosecond (1..8)
-        std::atomic<std::int64_t> cost{0};    // state units per token
+        std::atomic<std::int64_t> cost{1};    // state units per token
+        std::atomic<std::int64_t> window{1};  // burst * cost
         std::atomic<std::uint64_t> burst{1};
-        std::atomic<int> mode{0};
-        std::atomic<double> count{0.0};       // the rate as given, for current_rate()
-        std::atomic<std::int64_t> period{1};
+        std::atomic<std::int64_t> period{1};  // the rate as given, for current_rate()
+        std::atomic<double> count{0.0};
+        std::atomic<std::int32_t> scale{1};   // state units per nanosecond (1..8)
+        std::atomic<std::int32_t> mode{0};
     };
 
     static config make_config(const rate& r, std::size_t burst, std::int64_t epoch);
     config load(unsigned version) const noexcept;
+    rate rate_of(unsigned version) const noexcept;
     void publish(unsigned version, const config& c) noexcept;
     void reconfigure(const rate* r, const std::size_t* burst, time_point now);
     void rebase(time_point now) noexcept;
 
-    std::atomic<std::uint64_t> state_;
+    // The state word is written by every grant: alone on its cache line, so that the
+    // configuration readers do not share it.
+    alignas(64) std::atomic<std::uint64_t> state_;
     std::array<slot, 16> slots_;
     std::mutex writer_;
 };

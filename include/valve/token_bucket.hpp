@@ -5,7 +5,10 @@
 
 #include <boost/asio/any_completion_handler.hpp>
 #include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/append.hpp>
 #include <boost/asio/async_result.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/system/error_code.hpp>
 
 #include <chrono>
@@ -22,6 +25,9 @@ class bucket_impl;
 using acquire_handler = boost::asio::any_completion_handler<void(boost::system::error_code)>;
 void initiate_acquire(const std::shared_ptr<bucket_impl>& impl, acquire_handler handler, std::size_t n,
                       std::chrono::steady_clock::time_point deadline);
+/// Takes `n` tokens if that needs no waiting: no waiter queued and the tokens are there.
+bool try_acquire_now(bucket_impl& impl, std::size_t n) noexcept;
+const boost::asio::any_io_executor& executor_of(const bucket_impl& impl) noexcept;
 } // namespace detail
 
 /// A token bucket on an Asio executor: `burst` tokens, refilled at a `rate`.
@@ -132,6 +138,17 @@ private:
         void operator()(Handler&& handler, const std::shared_ptr<detail::bucket_impl>& impl, std::size_t n,
                         time_point deadline) const
         {
+            namespace asio = boost::asio;
+            if (detail::try_acquire_now(*impl, n)) {
+                // Granted at once: posted like any immediate completion, with the handler as it
+                // is (no type erasure, no strand), through its associated executor.
+                const asio::any_io_executor& ex = detail::executor_of(*impl);
+                if (const auto* io = ex.target<asio::io_context::executor_type>())
+                    asio::post(*io, asio::append(std::forward<Handler>(handler), boost::system::error_code{}));
+                else
+                    asio::post(ex, asio::append(std::forward<Handler>(handler), boost::system::error_code{}));
+                return;
+            }
             detail::initiate_acquire(impl, detail::acquire_handler(std::forward<Handler>(handler)), n, deadline);
         }
     };

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 
 namespace valve::detail {
 
@@ -44,8 +45,9 @@ public:
     boost::asio::any_io_executor executor_;
     bucket_core core_;
     // Waiters between initiation and completion (queued, or on their way to the queue); while
-    // any exist, try_acquire says no so that nobody overtakes them.
-    std::atomic<std::size_t> pending_{0};
+    // any exist, try_acquire says no so that nobody overtakes them. Written only by waiters, so
+    // kept off the lines the fast path reads.
+    alignas(64) std::atomic<std::size_t> pending_{0};
     // Tokens those waiters ask for, for projections (deadlines, next_available, bucket_set).
     std::atomic<std::size_t> pending_tokens_{0};
 
@@ -65,8 +67,10 @@ private:
     void finish(std::map<std::uint64_t, waiter>::iterator it, boost::system::error_code ec);
     void arm(time_point t);
 
-    boost::asio::strand<boost::asio::any_io_executor> strand_;
-    boost::asio::steady_timer timer_;
+    alignas(64) boost::asio::strand<boost::asio::any_io_executor> strand_;
+    // Made on first need, so a bucket that never makes anyone wait adds no timer to the
+    // io_context (whose reactor would then run on every turn).
+    std::optional<boost::asio::steady_timer> timer_;
     std::map<std::uint64_t, waiter> queue_; // in arrival order; node-based, so handlers never move
     std::atomic<std::uint64_t> next_id_{0};
     std::uint64_t timer_generation_ = 0;
