@@ -17,34 +17,24 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <cstdlib>
 #include <malloc.h>
 #include <memory>
 #include <mutex>
-#include <new>
 
 namespace asio = boost::asio;
 using clk = std::chrono::steady_clock;
 
-// Live heap bytes, to measure what a waiting operation costs.
 namespace {
-std::atomic<long long> live_bytes{0};
+
+// Bytes in use on the heap (everything malloc hands out: operator new, aligned allocations and
+// Asio's recycled blocks alike), to measure what a waiting operation costs.
+long long heap_in_use()
+{
+    const struct mallinfo2 mi = mallinfo2();
+    return static_cast<long long>(mi.uordblks + mi.hblkhd);
 }
 
-void* operator new(std::size_t n)
-{
-    void* p = std::malloc(n ? n : 1);
-    if (!p) throw std::bad_alloc();
-    live_bytes.fetch_add(static_cast<long long>(malloc_usable_size(p)), std::memory_order_relaxed);
-    return p;
-}
-void operator delete(void* p) noexcept
-{
-    if (!p) return;
-    live_bytes.fetch_sub(static_cast<long long>(malloc_usable_size(p)), std::memory_order_relaxed);
-    std::free(p);
-}
-void operator delete(void* p, std::size_t) noexcept { operator delete(p); }
+} // namespace
 
 namespace {
 
@@ -171,7 +161,7 @@ void BM_serve_10000_waiting_coroutines(benchmark::State& state)
         valve::token_bucket bucket{ioc, valve::rate::zero(), 1};
         bucket.try_acquire();
         int served = 0;
-        const long long before = live_bytes.load();
+        const long long before = heap_in_use();
         for (int i = 0; i < waiters; ++i)
             asio::co_spawn(
                 ioc,
@@ -182,7 +172,7 @@ void BM_serve_10000_waiting_coroutines(benchmark::State& state)
                 asio::detached);
         while (ioc.poll() > 0 || bucket.waiters() < waiters) {
         }
-        bytes_per_waiter = static_cast<double>(live_bytes.load() - before) / waiters;
+        bytes_per_waiter = static_cast<double>(heap_in_use() - before) / waiters;
         state.ResumeTiming();
 
         bucket.set_rate(valve::rate::unlimited());
@@ -206,11 +196,11 @@ void BM_serve_10000_waiting_callbacks(benchmark::State& state)
         valve::token_bucket bucket{ioc, valve::rate::zero(), 1};
         bucket.try_acquire();
         int served = 0;
-        const long long before = live_bytes.load();
+        const long long before = heap_in_use();
         for (int i = 0; i < waiters; ++i) bucket.async_acquire(1, [&](boost::system::error_code ec) { served += !ec; });
         while (ioc.poll() > 0) {
         }
-        bytes_per_waiter = static_cast<double>(live_bytes.load() - before) / waiters;
+        bytes_per_waiter = static_cast<double>(heap_in_use() - before) / waiters;
         state.ResumeTiming();
 
         bucket.set_rate(valve::rate::unlimited());
