@@ -11,19 +11,30 @@ namespace valve {
 
 namespace {
 
-// The state word: | version (4 bits) | whole ns since the epoch (57 bits) | remainder (3 bits) |.
-// The time it holds is the GCRA "theoretical arrival time": when the bucket would be full again.
-constexpr int version_shift = 60;
+// The state word: | generation (8 bits) | whole ns since the epoch (53) | remainder (3) |.
+// The time it holds is the GCRA "theoretical arrival time": when the bucket would be full again,
+// in units of 1/scale ns (remainder < scale). The generation names the configuration in force;
+// it selects one of 16 slots, and its 8 bits make a stale reader's compare-exchange fail.
+constexpr int generation_shift = 56;
 constexpr int rem_bits = 3;
-constexpr std::uint64_t rel_mask = (std::uint64_t{1} << 57) - 1;
-// A bucket re-anchors its epoch after ~417 days, far below the 57-bit (4.5 year) range.
-constexpr std::int64_t rebase_after_ns = std::int64_t{1} << 55;
-// The longest refill of a whole burst, and the deepest debt of reservations (~208 days each).
-constexpr std::int64_t max_window_ns = std::int64_t{1} << 54;
+constexpr std::uint64_t rel_mask = (std::uint64_t{1} << 53) - 1;
+// The epoch is re-anchored after ~26 days, well inside the 53-bit (104 day) range.
+constexpr std::int64_t rebase_after_ns = std::int64_t{1} << 51;
+// The longest refill of a whole burst, and the deepest debt of reservations (~13 days each).
+constexpr std::int64_t max_window_ns = std::int64_t{1} << 50;
 // In a zero-rate bucket time stands still; a token is this many (timeless) units.
 constexpr std::int64_t frozen_cost = 1'000'000;
 
 enum mode : int { finite = 0, frozen = 1, unlimited = 2 };
+
+void cpu_relax() noexcept
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
 
 // After a lost compare-exchange, wait a little (exponentially longer each time) before trying
 // again: the winner then finishes its next grants while the state's cache line is still its
@@ -32,13 +43,7 @@ class contention_backoff {
 public:
     void pause() noexcept
     {
-        for (unsigned i = 0; i < spins_; ++i) {
-#if defined(__x86_64__) || defined(__i386__)
-            __builtin_ia32_pause();
-#elif defined(__aarch64__)
-            asm volatile("yield");
-#endif
-        }
+        for (unsigned i = 0; i < spins_; ++i) cpu_relax();
         if (spins_ < 256) spins_ *= 2;
     }
 
@@ -50,6 +55,8 @@ std::int64_t to_ns(bucket_core::time_point t) noexcept
 {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
 }
+
+unsigned generation_of(std::uint64_t s) noexcept { return static_cast<unsigned>(s >> generation_shift); }
 
 } // namespace
 
@@ -80,7 +87,7 @@ struct bucket_core::config {
                + static_cast<std::int64_t>(s & ((1u << rem_bits) - 1));
     }
 
-    static std::uint64_t encode(unsigned version, std::int64_t units, std::int64_t scale) noexcept
+    static std::uint64_t encode(unsigned generation, std::int64_t units, std::int64_t scale) noexcept
     {
         // Division by a constant is a multiply; a 64-bit division by a variable would cost more
         // than the rest of a grant together.
@@ -97,15 +104,11 @@ struct bucket_core::config {
         default: break;
         }
         const std::uint64_t rem = u - ns * static_cast<std::uint64_t>(scale);
-        return (std::uint64_t{version} << version_shift) | (ns << rem_bits) | rem;
+        return (std::uint64_t{generation & 0xffu} << generation_shift) | ((ns & rel_mask) << rem_bits) | rem;
     }
 
     bool needs_rebase(time_point now) const noexcept { return mode == finite && rel_ns(now) >= rebase_after_ns; }
 };
-
-namespace {
-unsigned version_of(std::uint64_t s) noexcept { return static_cast<unsigned>(s >> version_shift); }
-} // namespace
 
 bucket_core::config bucket_core::make_config(const rate& r, std::size_t burst, std::int64_t epoch)
 {
@@ -118,75 +121,92 @@ bucket_core::config bucket_core::make_config(const rate& r, std::size_t burst, s
     if (burst == 0)
         detail::throw_error(errc::invalid_argument,
                             "valve: burst must be at least 1 (a bucket with burst 0 could never grant)");
-    bucket_core::config c;
+    config c;
     c.epoch = epoch;
     c.burst = burst;
     c.count = r.count();
     c.period = r.period().count();
     if (r.is_unlimited()) {
         c.mode = unlimited;
-        c.window = static_cast<std::int64_t>(burst);
+        c.window = static_cast<std::int64_t>(std::min<std::uint64_t>(burst, std::numeric_limits<std::int64_t>::max()));
         return c;
     }
+    const auto too_long = [&] {
+        detail::throw_error(errc::invalid_argument,
+                            "valve: burst " + std::to_string(burst) + " at rate " + to_string(r)
+                                + " takes more than 13 days to refill: lower the burst or raise the rate");
+    };
     if (r.is_zero()) {
         c.mode = frozen;
         c.cost = frozen_cost;
+        if (static_cast<long double>(burst) * frozen_cost > static_cast<long double>(max_window_ns)) too_long();
     } else {
-        // Pick the state resolution (1/1 .. 1/8 ns) in which one token's interval is closest
-        // to a whole number of units; most rates are exact in one of them.
+        // The refill time of the burst bounds every quantity below; checked before any cast.
+        const long double interval_ns = static_cast<long double>(c.period) / static_cast<long double>(c.count);
+        if (static_cast<long double>(burst) * interval_ns > static_cast<long double>(max_window_ns)) too_long();
+        // Pick the state resolution (1/1 .. 1/8 ns) in which one token's interval is closest to
+        // a whole number of units, rounding up so the bucket is never faster than the rate.
         long double best_err = std::numeric_limits<long double>::infinity();
         for (std::int64_t n = 1; n <= 8; ++n) {
-            const long double ideal = static_cast<long double>(n) * static_cast<long double>(c.period)
-                                      / static_cast<long double>(c.count);
-            const long double rounded = std::max<long double>(1.0L, std::round(ideal));
-            const long double err = std::fabs(rounded - ideal) / ideal;
+            const long double ideal = static_cast<long double>(n) * interval_ns;
+            // Shave a rounding error's worth so that exact intervals are not pushed up a unit.
+            const long double rounded = std::max(1.0L, std::ceil(ideal * (1.0L - 1e-15L)));
+            const long double err = (rounded - ideal) / ideal;
             if (err < best_err) {
                 best_err = err;
                 c.scale = n;
                 c.cost = static_cast<std::int64_t>(rounded);
             }
-            if (err == 0.0L) break;
+            if (err <= 0.0L) break;
         }
     }
-    const long double window_ns = static_cast<long double>(burst) * static_cast<long double>(c.cost)
-                                  / static_cast<long double>(c.scale);
-    if (window_ns > static_cast<long double>(max_window_ns))
-        detail::throw_error(errc::invalid_argument,
-                            "valve: burst " + std::to_string(burst) + " at rate " + to_string(r)
-                                + " takes more than 200 days to refill: lower the burst or raise the rate");
     c.window = static_cast<std::int64_t>(burst) * c.cost;
     return c;
 }
 
-// Inlined: it is half of every grant.
-[[gnu::always_inline]] inline bucket_core::config bucket_core::load(unsigned version) const noexcept
+// Inlined: it is half of every grant. Returns false if the slot was being written or recycled
+// meanwhile; the caller then reloads the state and tries again.
+[[gnu::always_inline]] inline bool bucket_core::read(std::uint64_t s, config& c) const noexcept
 {
-    const slot& s = slots_[version];
+    const unsigned g = generation_of(s);
+    const slot& sl = slots_[g & 15u];
+    const std::uint64_t seq = sl.seq.load(std::memory_order_acquire);
+    if ((seq & 1) != 0 || ((seq >> 1) & 0xffu) != g) return false;
+    // Acquire loads: if any of them sees a newer writer's value, the check of `seq` below sees
+    // that writer's odd mark or later (the writer stores seq before the fields, fields with
+    // release), and the copy is thrown away.
+    c.epoch = sl.epoch.load(std::memory_order_acquire);
+    c.cost = sl.cost.load(std::memory_order_acquire);
+    c.window = sl.window.load(std::memory_order_acquire);
+    c.burst = sl.burst.load(std::memory_order_acquire);
+    c.scale = sl.scale.load(std::memory_order_acquire);
+    c.mode = sl.mode.load(std::memory_order_acquire);
+    return sl.seq.load(std::memory_order_relaxed) == seq;
+}
+
+bucket_core::config bucket_core::snapshot(std::uint64_t& s) const noexcept
+{
     config c;
-    c.epoch = s.epoch.load(std::memory_order_relaxed);
-    c.cost = s.cost.load(std::memory_order_relaxed);
-    c.burst = s.burst.load(std::memory_order_relaxed);
-    c.scale = s.scale.load(std::memory_order_relaxed);
-    c.mode = s.mode.load(std::memory_order_relaxed);
-    // A reader that raced with a writer recycling this slot (16 reconfigurations later) may see
-    // a torn mix; its compare-exchange on the state then fails and it starts over. The
-    // arithmetic meanwhile only multiplies (encode divides by constants), except where noted.
-    c.window = s.window.load(std::memory_order_relaxed);
+    while (!read(s, c)) {
+        cpu_relax();
+        s = state_.load(std::memory_order_acquire);
+    }
     return c;
 }
 
-void bucket_core::publish(unsigned version, const config& c) noexcept
+void bucket_core::publish(std::uint64_t generation, const config& c) noexcept
 {
-    slot& s = slots_[version];
-    s.epoch.store(c.epoch, std::memory_order_relaxed);
-    s.cost.store(c.cost, std::memory_order_relaxed);
-    s.window.store(c.window, std::memory_order_relaxed);
-    s.burst.store(c.burst, std::memory_order_relaxed);
-    s.period.store(c.period, std::memory_order_relaxed);
-    s.count.store(c.count, std::memory_order_relaxed);
-    s.scale.store(static_cast<std::int32_t>(c.scale), std::memory_order_relaxed);
-    s.mode.store(c.mode, std::memory_order_relaxed);
-    // Made visible by the release of the compare-exchange that installs the new version.
+    slot& sl = slots_[generation & 15u];
+    sl.seq.store(generation * 2 + 1, std::memory_order_relaxed);
+    sl.epoch.store(c.epoch, std::memory_order_release);
+    sl.cost.store(c.cost, std::memory_order_release);
+    sl.window.store(c.window, std::memory_order_release);
+    sl.burst.store(c.burst, std::memory_order_release);
+    sl.period.store(c.period, std::memory_order_release);
+    sl.count.store(c.count, std::memory_order_release);
+    sl.scale.store(static_cast<std::int32_t>(c.scale), std::memory_order_release);
+    sl.mode.store(c.mode, std::memory_order_release);
+    sl.seq.store(generation * 2, std::memory_order_release);
 }
 
 bucket_core::bucket_core(rate r, std::size_t burst, time_point now)
@@ -199,44 +219,38 @@ bucket_core::bucket_core(rate r, std::size_t burst, time_point now)
 
 bool bucket_core::try_take(std::size_t n, time_point now) noexcept
 {
-    // The hot path of the library: reads only what a grant needs, straight from the slot.
     if (n == 0) return true;
     contention_backoff backoff;
     std::uint64_t s = state_.load(std::memory_order_acquire);
     for (;;) {
-        const unsigned v = version_of(s);
-        const slot& sl = slots_[v];
-        const int mode = sl.mode.load(std::memory_order_relaxed);
-        if (mode == unlimited) [[unlikely]]
+        const config c = snapshot(s);
+        if (c.mode == unlimited) [[unlikely]]
             return true;
-        if (n > sl.burst.load(std::memory_order_relaxed)) return false;
-        const std::int64_t scale = sl.scale.load(std::memory_order_relaxed);
+        if (n > c.burst) return false;
         std::int64_t now_u = 0;
-        if (mode == finite) [[likely]] {
-            const std::int64_t rel = std::max<std::int64_t>(to_ns(now) - sl.epoch.load(std::memory_order_relaxed), 0);
+        if (c.mode == finite) [[likely]] {
+            const std::int64_t rel = c.rel_ns(now);
             if (rel >= rebase_after_ns) [[unlikely]] {
                 rebase(now);
                 s = state_.load(std::memory_order_acquire);
                 continue;
             }
-            now_u = rel * scale;
+            now_u = rel * c.scale;
         }
-        const std::int64_t x_now = static_cast<std::int64_t>((s >> rem_bits) & rel_mask) * scale
-                                   + static_cast<std::int64_t>(s & ((1u << rem_bits) - 1));
-        const std::int64_t x = std::max(x_now, now_u)
-                               + static_cast<std::int64_t>(n) * sl.cost.load(std::memory_order_relaxed);
-        if (x - now_u > sl.window.load(std::memory_order_relaxed)) return false;
-        if (state_.compare_exchange_weak(s, config::encode(v, x, scale), std::memory_order_acq_rel,
+        const std::int64_t x = std::max(c.decode(s), now_u) + static_cast<std::int64_t>(n) * c.cost;
+        if (x - now_u > c.window) return false;
+        if (state_.compare_exchange_weak(s, config::encode(generation_of(s), x, c.scale), std::memory_order_acq_rel,
                                          std::memory_order_acquire))
             return true;
         backoff.pause();
+        s = state_.load(std::memory_order_acquire); // fresher than what the lost exchange saw
     }
 }
 
 bucket_core::time_point bucket_core::earliest(std::size_t n, time_point now, std::size_t ahead) const noexcept
 {
-    const std::uint64_t s = state_.load(std::memory_order_acquire);
-    const config c = load(version_of(s));
+    std::uint64_t s = state_.load(std::memory_order_acquire);
+    const config c = snapshot(s);
     if (c.mode == unlimited || (n == 0 && ahead == 0)) return now;
     if (n > c.burst) return time_point::max();
     const std::int64_t now_u = c.now_units(now);
@@ -257,9 +271,9 @@ bucket_core::reservation bucket_core::reserve(std::size_t n, time_point now, boo
     ec = {};
     std::uint64_t s = state_.load(std::memory_order_acquire);
     for (;;) {
-        const unsigned v = version_of(s);
-        const config c = load(v);
-        if (n == 0 || c.mode == unlimited) return {n, now, 0, v};
+        const config c = snapshot(s);
+        const unsigned g = generation_of(s);
+        if (n == 0 || c.mode == unlimited) return {n, now, 0, g};
         if (n > c.burst) {
             ec = errc::exceeds_burst;
             return {};
@@ -278,9 +292,9 @@ bucket_core::reservation bucket_core::reserve(std::size_t n, time_point now, boo
             ec = errc::would_exceed_deadline;
             return {};
         }
-        if (state_.compare_exchange_weak(s, config::encode(v, x, c.scale), std::memory_order_acq_rel,
+        if (state_.compare_exchange_weak(s, config::encode(g, x, c.scale), std::memory_order_acq_rel,
                                          std::memory_order_acquire))
-            return {n, ready, x, v};
+            return {n, ready, x, g};
     }
 }
 
@@ -289,9 +303,9 @@ double bucket_core::cancel(const reservation& r, time_point now) noexcept
     if (r.tokens == 0) return 0.0;
     std::uint64_t s = state_.load(std::memory_order_acquire);
     for (;;) {
-        const unsigned v = version_of(s);
-        if (v != r.version_) return 0.0;
-        const config c = load(v);
+        const config c = snapshot(s);
+        const unsigned g = generation_of(s);
+        if (g != r.version_) return 0.0;
         if (c.mode == unlimited) return 0.0;
         if (c.mode != frozen && now >= r.ready) return 0.0; // already due: the tokens are spent
         const std::int64_t now_u = c.now_units(now);
@@ -302,9 +316,9 @@ double bucket_core::cancel(const reservation& r, time_point now) noexcept
         if (restore <= 0) return 0.0;
         const std::int64_t nx = std::max(x - restore, std::min(x, now_u));
         if (nx == x) return 0.0;
-        if (state_.compare_exchange_weak(s, config::encode(v, nx, c.scale), std::memory_order_acq_rel,
+        if (state_.compare_exchange_weak(s, config::encode(g, nx, c.scale), std::memory_order_acq_rel,
                                          std::memory_order_acquire))
-            return static_cast<double>(x - nx) / static_cast<double>(std::max<std::int64_t>(c.cost, 1));
+            return static_cast<double>(x - nx) / static_cast<double>(c.cost);
     }
 }
 
@@ -313,15 +327,14 @@ void bucket_core::refund(std::size_t n, time_point now) noexcept
     if (n == 0) return;
     std::uint64_t s = state_.load(std::memory_order_acquire);
     for (;;) {
-        const unsigned v = version_of(s);
-        const config c = load(v);
+        const config c = snapshot(s);
         if (c.mode == unlimited) return;
         const std::int64_t now_u = c.now_units(now);
         const std::int64_t x = c.decode(s);
         const std::int64_t nx = std::max(x - static_cast<std::int64_t>(n) * c.cost, std::min(x, now_u));
         if (nx == x) return;
-        if (state_.compare_exchange_weak(s, config::encode(v, nx, c.scale), std::memory_order_acq_rel,
-                                         std::memory_order_acquire))
+        if (state_.compare_exchange_weak(s, config::encode(generation_of(s), nx, c.scale),
+                                         std::memory_order_acq_rel, std::memory_order_acquire))
             return;
     }
 }
@@ -343,14 +356,13 @@ void bucket_core::reconfigure(const rate* r, const std::size_t* burst, time_poin
 {
     std::lock_guard lock{writer_};
     std::uint64_t s = state_.load(std::memory_order_acquire);
-    const unsigned v = version_of(s);
-    const config old = load(v);
+    const config old = snapshot(s);
     if (!r && !burst && !old.needs_rebase(now)) return; // another thread re-anchored already
-    const rate next_rate = r ? *r : rate_of(v);
+    const rate next_rate = r ? *r : rate_of(generation_of(s));
     // The new configuration counts from `now`, which keeps every state in range.
     const config next = make_config(next_rate, burst ? *burst : old.burst, to_ns(now));
-    const unsigned nv = (v + 1) & 15u;
-    publish(nv, next);
+    const std::uint64_t g = ++generation_;
+    publish(g, next);
     for (;;) {
         // Tokens accrued so far under the old configuration (negative while in debt).
         long double tokens = static_cast<long double>(old.burst);
@@ -366,34 +378,46 @@ void bucket_core::reconfigure(const rate* r, const std::size_t* burst, time_poin
                                       * static_cast<long double>(next.cost);
             x = static_cast<std::int64_t>(std::llround(std::min(units, limit)));
         }
-        if (state_.compare_exchange_weak(s, config::encode(nv, x, next.scale), std::memory_order_acq_rel,
-                                         std::memory_order_acquire))
+        // Only grants race with this exchange (writers hold the mutex), and they keep the
+        // generation: on failure, `s` is the old configuration's state, converted again.
+        if (state_.compare_exchange_weak(s, config::encode(static_cast<unsigned>(g), x, next.scale),
+                                         std::memory_order_acq_rel, std::memory_order_acquire))
             return;
     }
 }
 
-rate bucket_core::rate_of(unsigned version) const noexcept
+rate bucket_core::rate_of(unsigned generation) const noexcept
 {
-    const slot& s = slots_[version];
-    if (s.mode.load(std::memory_order_relaxed) == unlimited) return rate::unlimited();
-    return rate::per(s.count.load(std::memory_order_relaxed),
-                     std::chrono::nanoseconds{s.period.load(std::memory_order_relaxed)});
+    const slot& sl = slots_[generation & 15u];
+    for (;;) {
+        const std::uint64_t seq = sl.seq.load(std::memory_order_acquire);
+        const int mode = sl.mode.load(std::memory_order_acquire);
+        const double count = sl.count.load(std::memory_order_acquire);
+        const std::int64_t period = sl.period.load(std::memory_order_acquire);
+        if ((seq & 1) == 0 && sl.seq.load(std::memory_order_relaxed) == seq)
+            return mode == unlimited ? rate::unlimited() : rate::per(count, std::chrono::nanoseconds{period});
+        cpu_relax();
+    }
 }
 
-rate bucket_core::current_rate() const noexcept { return rate_of(version_of(state_.load(std::memory_order_acquire))); }
+rate bucket_core::current_rate() const noexcept
+{
+    return rate_of(generation_of(state_.load(std::memory_order_acquire)));
+}
 
 std::size_t bucket_core::burst() const noexcept
 {
-    return load(version_of(state_.load(std::memory_order_acquire))).burst;
+    std::uint64_t s = state_.load(std::memory_order_acquire);
+    return snapshot(s).burst;
 }
 
 double bucket_core::available(time_point now) const noexcept
 {
-    const std::uint64_t s = state_.load(std::memory_order_acquire);
-    const config c = load(version_of(s));
+    std::uint64_t s = state_.load(std::memory_order_acquire);
+    const config c = snapshot(s);
     if (c.mode == unlimited) return std::numeric_limits<double>::infinity();
     const std::int64_t debt = std::max<std::int64_t>(c.decode(s) - c.now_units(now), 0);
-    return static_cast<double>(c.window - debt) / static_cast<double>(std::max<std::int64_t>(c.cost, 1));
+    return static_cast<double>(c.window - debt) / static_cast<double>(c.cost);
 }
 
 } // namespace valve

@@ -18,29 +18,46 @@ namespace valve {
 
 namespace detail {
 
+struct bucket_set_state {
+    std::vector<std::shared_ptr<bucket_impl>> buckets;
+    asio::any_io_executor executor;
+};
+
 namespace {
 
-// Re-check this often while some bucket's rate is zero: only a rate change can help then.
-constexpr std::chrono::milliseconds zero_rate_poll{100};
+using time_point = std::chrono::steady_clock::time_point;
+using bucket_list = std::vector<std::shared_ptr<bucket_impl>>;
+
+// Re-check this often while some bucket's rate is zero and no change has been announced.
+constexpr std::chrono::seconds zero_rate_poll{1};
 
 bool exceeds_burst(const bucket_impl& b, std::size_t n) noexcept
 {
     return n > b.core_.burst() && !b.core_.current_rate().is_unlimited();
 }
 
-// Takes n from every bucket at `now`, or from none.
-bool take_all(const std::vector<std::shared_ptr<bucket_impl>>& buckets, std::size_t n,
-              std::chrono::steady_clock::time_point now) noexcept
+bool any_queued(const bucket_list& buckets) noexcept
+{
+    return std::any_of(buckets.begin(), buckets.end(),
+                       [](const auto& b) { return b->pending_.load(std::memory_order_acquire) != 0; });
+}
+
+// Takes n from every bucket at `now`, or from none. A bucket whose tokens were taken and given
+// back may have a waiter that missed them meanwhile: it is woken to plan again.
+bool take_all(const bucket_list& buckets, std::size_t n, time_point now) noexcept
 {
     std::size_t taken = 0;
     while (taken < buckets.size() && buckets[taken]->core_.try_take(n, now)) ++taken;
     if (taken == buckets.size()) return true;
-    while (taken > 0) buckets[--taken]->core_.refund(n, now);
+    while (taken > 0) {
+        bucket_impl& b = *buckets[--taken];
+        b.core_.refund(n, now);
+        if (b.pending_.load(std::memory_order_acquire) != 0) b.wake();
+    }
     return false;
 }
 
-std::chrono::steady_clock::time_point earliest_all(const std::vector<std::shared_ptr<bucket_impl>>& buckets,
-                                                   std::size_t n, std::chrono::steady_clock::time_point now) noexcept
+time_point earliest_all(const bucket_list& buckets, std::size_t n, time_point now) noexcept
 {
     auto due = now;
     for (const auto& b : buckets)
@@ -48,12 +65,13 @@ std::chrono::steady_clock::time_point earliest_all(const std::vector<std::shared
     return due;
 }
 
-class acquire_all_op : public std::enable_shared_from_this<acquire_all_op> {
+class acquire_all_op final : public bucket_watcher, public std::enable_shared_from_this<acquire_all_op> {
 public:
-    acquire_all_op(std::vector<std::shared_ptr<bucket_impl>> buckets, const asio::any_io_executor& ex,
-                   acquire_handler handler, std::size_t n, std::chrono::steady_clock::time_point deadline)
-        : buckets_(std::move(buckets)), executor_(ex), strand_(asio::make_strand(ex)), timer_(strand_),
-          work_(asio::prefer(asio::get_associated_executor(handler, ex), asio::execution::outstanding_work.tracked)),
+    acquire_all_op(std::shared_ptr<const bucket_set_state> set, acquire_handler handler, std::size_t n,
+                   time_point deadline)
+        : set_(std::move(set)), strand_(asio::make_strand(set_->executor)), timer_(strand_),
+          work_(asio::prefer(asio::get_associated_executor(handler, set_->executor),
+                             asio::execution::outstanding_work.tracked)),
           handler_(std::move(handler)), n_(n), deadline_(deadline)
     {
     }
@@ -62,7 +80,16 @@ public:
     {
         auto slot = asio::get_associated_cancellation_slot(handler_);
         if (slot.is_connected()) slot.template emplace<cancel_handler>(weak_from_this());
+        for (const auto& b : set_->buckets) b->watch(weak_from_this());
         asio::post(strand_, [self = shared_from_this()] { self->step(); });
+    }
+
+    void bucket_changed(bool cancelled) override
+    {
+        asio::post(strand_, [self = shared_from_this(), cancelled] {
+            if (cancelled) self->cancelled_ = true;
+            self->timer_.cancel(); // step again now, with the new rates
+        });
     }
 
 private:
@@ -70,6 +97,7 @@ private:
         explicit cancel_handler(std::weak_ptr<acquire_all_op> o) : op(std::move(o)) {}
 
         std::weak_ptr<acquire_all_op> op;
+
         void operator()(asio::cancellation_type type) const
         {
             // Nothing is held while waiting, so every kind of cancellation is safe to honour.
@@ -88,43 +116,50 @@ private:
     {
         if (done_) return;
         if (cancelled_) return complete(asio::error::operation_aborted);
-        for (const auto& b : buckets_)
+        const auto& buckets = set_->buckets;
+        for (const auto& b : buckets)
             if (exceeds_burst(*b, n_)) return complete(errc::exceeds_burst);
         const auto now = std::chrono::steady_clock::now();
-        if (take_all(buckets_, n_, now)) return complete({});
-        auto due = earliest_all(buckets_, n_, now);
+        // On arrival, waiters already queued on a bucket go first; after that the set takes its
+        // turn even if newer waiters have queued meanwhile (they plan again around it).
+        if ((waited_ || !any_queued(buckets)) && take_all(buckets, n_, now)) return complete({});
+        auto due = earliest_all(buckets, n_, now);
         if (due > deadline_) return complete(errc::would_exceed_deadline);
-        if (due == std::chrono::steady_clock::time_point::max()) due = now + zero_rate_poll;
+        if (due == time_point::max()) due = now + zero_rate_poll;
         // `due <= now` means another caller took what we were about to take: plan again after
         // letting it through.
         timer_.expires_at(std::max(due, now));
-        timer_.async_wait([self = shared_from_this()](boost::system::error_code) { self->step(); });
+        timer_.async_wait([self = shared_from_this()](boost::system::error_code) {
+            self->waited_ = true;
+            self->step();
+        });
     }
 
     void complete(boost::system::error_code ec)
     {
         done_ = true;
-        post_completion(std::move(handler_), executor_, ec);
+        for (const auto& b : set_->buckets) b->unwatch(this);
+        post_completion(std::move(handler_), set_->executor, ec);
     }
 
-    std::vector<std::shared_ptr<bucket_impl>> buckets_;
-    asio::any_io_executor executor_;
+    std::shared_ptr<const bucket_set_state> set_;
     asio::strand<asio::any_io_executor> strand_;
     asio::steady_timer timer_;
     asio::any_completion_executor work_;
     acquire_handler handler_;
     std::size_t n_;
-    std::chrono::steady_clock::time_point deadline_;
+    time_point deadline_;
     bool cancelled_ = false;
+    bool waited_ = false;
     bool done_ = false;
 };
 
 } // namespace
 
-void initiate_acquire_all(const std::vector<std::shared_ptr<bucket_impl>>& buckets, const asio::any_io_executor& ex,
-                          acquire_handler handler, std::size_t n, std::chrono::steady_clock::time_point deadline)
+void initiate_acquire_all(const std::shared_ptr<const bucket_set_state>& set, acquire_handler handler,
+                          std::size_t n, time_point deadline)
 {
-    std::make_shared<acquire_all_op>(buckets, ex, std::move(handler), n, deadline)->start();
+    std::make_shared<acquire_all_op>(set, std::move(handler), n, deadline)->start();
 }
 
 } // namespace detail
@@ -138,21 +173,31 @@ bucket_set::bucket_set(const std::vector<std::reference_wrapper<token_bucket>>& 
 {
     if (buckets.empty())
         detail::throw_error(errc::invalid_argument, "valve: a bucket_set needs at least one bucket");
-    for (token_bucket& b : buckets) buckets_.push_back(b.impl_);
-    executor_ = buckets_.front()->executor_;
+    auto state = std::make_shared<detail::bucket_set_state>();
+    for (token_bucket& b : buckets) {
+        if (std::find(state->buckets.begin(), state->buckets.end(), b.impl_) != state->buckets.end())
+            detail::throw_error(errc::invalid_argument,
+                                "valve: a bucket_set names the same bucket twice: list each bucket once");
+        state->buckets.push_back(b.impl_);
+    }
+    state->executor = state->buckets.front()->executor_;
+    state_ = std::move(state);
 }
+
+bucket_set::executor_type bucket_set::get_executor() const noexcept { return state_->executor; }
+
+std::size_t bucket_set::size() const noexcept { return state_->buckets.size(); }
 
 bool bucket_set::try_acquire(std::size_t n) noexcept
 {
     if (n == 0) return true;
-    for (const auto& b : buckets_)
-        if (b->pending_.load(std::memory_order_acquire) != 0) return false;
-    return detail::take_all(buckets_, n, clock::now());
+    if (detail::any_queued(state_->buckets)) return false;
+    return detail::take_all(state_->buckets, n, clock::now());
 }
 
 bucket_set::time_point bucket_set::next_available(std::size_t n) const noexcept
 {
-    return detail::earliest_all(buckets_, n, clock::now());
+    return detail::earliest_all(state_->buckets, n, clock::now());
 }
 
 } // namespace valve

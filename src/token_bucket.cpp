@@ -60,7 +60,6 @@ bucket_impl::bucket_impl(const asio::any_io_executor& ex, rate r, std::size_t bu
 {
 }
 
-bool bucket_impl::try_acquire(std::size_t n) noexcept { return try_acquire_now(*this, n); }
 
 void bucket_impl::initiate(acquire_handler handler, std::size_t n, time_point deadline)
 {
@@ -129,16 +128,16 @@ void bucket_impl::pump(time_point cursor)
             continue;
         }
         const time_point due = core_.earliest(w.n, cursor);
+        if (due > w.deadline) {
+            finish(it, errc::would_exceed_deadline);
+            continue;
+        }
         if (due <= now) {
             if (core_.try_take(w.n, due) || core_.try_take(w.n, now)) {
                 cursor = due;
                 finish(it, {});
             }
             // else another taker (a bucket_set) got there first: plan again
-            continue;
-        }
-        if (due > w.deadline) {
-            finish(it, errc::would_exceed_deadline);
             continue;
         }
         if (due == time_point::max()) break; // zero rate: only a rate change can help
@@ -169,14 +168,42 @@ void bucket_impl::cancel_all()
         while (!self->queue_.empty()) self->finish(self->queue_.begin(), asio::error::operation_aborted);
         self->pump(clock::now());
     });
+    notify(true);
 }
 
 void bucket_impl::replan()
 {
     asio::post(strand_, [self = shared_from_this()] {
+        self->fail_missed_deadlines();
         self->planned_ = time_point::max(); // force the timer to be set again
         self->pump(clock::now());
     });
+    notify(false);
+}
+
+void bucket_impl::wake()
+{
+    asio::post(strand_, [self = shared_from_this()] {
+        self->planned_ = time_point::max();
+        self->pump(clock::now());
+    });
+}
+
+void bucket_impl::fail_missed_deadlines()
+{
+    // Each waiter is served after the tokens of those ahead of it; one whose turn now falls
+    // after its deadline is told so at once rather than when it reaches the head.
+    const time_point now = clock::now();
+    std::size_t ahead = 0;
+    for (auto it = queue_.begin(); it != queue_.end();) {
+        const waiter& w = it->second;
+        if (w.deadline != time_point::max() && core_.earliest(w.n, now, ahead) > w.deadline) {
+            finish(it++, errc::would_exceed_deadline);
+            continue;
+        }
+        ahead += w.n;
+        ++it;
+    }
 }
 
 void bucket_impl::close()
@@ -186,6 +213,35 @@ void bucket_impl::close()
         while (!self->queue_.empty()) self->finish(self->queue_.begin(), asio::error::operation_aborted);
         self->pump(clock::now());
     });
+    notify(true);
+}
+
+void bucket_impl::watch(std::weak_ptr<bucket_watcher> w)
+{
+    std::lock_guard lock{watchers_mutex_};
+    std::erase_if(watchers_, [](const auto& x) { return x.expired(); });
+    watchers_.push_back(std::move(w));
+}
+
+void bucket_impl::unwatch(const bucket_watcher* w)
+{
+    std::lock_guard lock{watchers_mutex_};
+    std::erase_if(watchers_, [w](const auto& x) {
+        const auto p = x.lock();
+        return !p || p.get() == w;
+    });
+}
+
+void bucket_impl::notify(bool cancelled)
+{
+    std::vector<std::shared_ptr<bucket_watcher>> targets;
+    {
+        std::lock_guard lock{watchers_mutex_};
+        for (const auto& w : watchers_)
+            if (auto p = w.lock()) targets.push_back(std::move(p));
+    }
+    // Outside the lock: a watcher may unwatch itself from inside.
+    for (const auto& t : targets) t->bucket_changed(cancelled);
 }
 
 bool try_acquire_now(bucket_impl& impl, std::size_t n) noexcept
@@ -204,7 +260,8 @@ void initiate_acquire(const std::shared_ptr<bucket_impl>& impl, acquire_handler 
 } // namespace detail
 
 token_bucket::token_bucket(const executor_type& ex, rate r, std::size_t burst)
-    : impl_(std::make_shared<detail::bucket_impl>(ex, r, burst))
+    : impl_(new detail::bucket_impl(ex, r, burst)) // not make_shared: weak references left in
+                                                  // cancellation slots must not pin the memory
 {
 }
 

@@ -219,6 +219,7 @@ TEST(bucket_core, bad_input_throws_a_clear_error)
     expect_invalid([] { bucket_core b(rate::per_second(1), 0, t0); });
     expect_invalid([] { bucket_core b(rate::per_second(20e9), 1, t0); });
     expect_invalid([] { bucket_core b(rate::per(1, 24h), 1000, t0); }); // 1000 days to refill
+    expect_invalid([] { bucket_core b(rate::per_second(1e-10), 1, t0); }); // 317 years per token
 
     bucket_core b{rate::per_second(10), 5, t0};
     expect_invalid([&] { b.set_rate(rate::per_second(-1), t0); });
@@ -243,20 +244,45 @@ TEST(bucket_core, survives_years_and_many_reconfigurations)
     EXPECT_EQ(b.earliest(1, later), later + 25ms);
 }
 
+TEST(bucket_core, inexact_rates_are_never_faster_than_asked)
+{
+    // 13 million per second: 76.923... ns per token, not a multiple of 1/8 ns.
+    constexpr double per_second = 13e6;
+    bucket_core b{rate::per_second(per_second), 1000, t0};
+    ASSERT_TRUE(b.try_take(1000, t0));
+    tp t = t0;
+    std::size_t granted = 0;
+    while (t < t0 + 1s) {
+        t = b.earliest(1000, t);
+        ASSERT_TRUE(b.try_take(1000, t));
+        granted += 1000;
+    }
+    const double elapsed = std::chrono::duration<double>(t - t0).count();
+    EXPECT_LE(static_cast<double>(granted), per_second * elapsed);
+    EXPECT_GE(static_cast<double>(granted), per_second * elapsed * (1 - 1e-3));
+}
+
 TEST(bucket_core, concurrent_takers_never_exceed_the_tokens)
 {
+    // Four threads take one token at a time while a fifth keeps reconfiguring the bucket (more
+    // often than it has configuration slots); a zero rate makes the total exact.
     constexpr std::size_t tokens = 20'000;
     bucket_core b{rate::zero(), tokens, t0};
+    std::atomic<bool> go{false};
+    std::atomic<int> done{0};
     std::atomic<std::size_t> granted{0};
     std::vector<std::thread> threads;
     for (int i = 0; i < 4; ++i)
         threads.emplace_back([&] {
+            while (!go) std::this_thread::yield();
             std::size_t mine = 0;
             while (b.try_take(1, t0)) ++mine;
             granted += mine;
+            ++done;
         });
-    // A writer changing the burst concurrently must not let extra tokens through.
-    for (int i = 0; i < 20; ++i) b.set_burst(tokens, t0);
+    go = true;
+    // Raising and lowering the burst never changes the tokens left (they never exceed either).
+    for (int i = 0; done < 4; ++i) b.set_burst(i % 2 ? tokens : 2 * tokens, t0);
     for (auto& t : threads) t.join();
     EXPECT_EQ(granted.load(), tokens);
     EXPECT_FALSE(b.try_take(1, t0));

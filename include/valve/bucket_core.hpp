@@ -18,18 +18,19 @@ namespace valve {
 ///
 /// A bucket of `burst` tokens refilled at a `rate`, kept in the GCRA ("generic cell rate
 /// algorithm") form: one integer, the theoretical time at which the bucket would be full again,
-/// in fractions of a nanosecond chosen so that the rate is represented exactly (any rate
-/// `k per d` whose token interval `d / k` is a multiple of 1/8 ns is exact, and every other rate
-/// is within one part in 10^9 or better). Granting, refilling and waiting are additions and
+/// in fractions of a nanosecond (1/1 to 1/8, chosen per rate) so that most rates are exact:
+/// any rate whose token interval is a multiple of 1/N ns for some N <= 8 (3/s, 7/us, 10/min,
+/// 1000/s, ...). Other rates are rounded so the bucket is never faster than asked, by less than
+/// one part in 16 x interval (in ns). Granting, refilling and waiting are additions and
 /// comparisons on that integer, so there is no floating drift however long the bucket lives.
 ///
 /// Time points must come from one monotonic clock (`steady_clock`); a time earlier than one the
 /// bucket has already seen is treated as that earlier time's successor, never as going back.
 ///
 /// Thread safety: every member may be called concurrently from any thread. `try_take`,
-/// `earliest`, `reserve`, `cancel`, `refund` and `available` are lock-free (one atomic word);
-/// `set_rate` and `set_burst` serialise among themselves on a mutex the lock-free calls never
-/// touch.
+/// `earliest`, `reserve`, `cancel`, `refund` and `available` are lock-free (one atomic word and
+/// a sequence-locked configuration); `set_rate` and `set_burst` serialise among themselves on a
+/// mutex that the other calls take only to re-anchor the epoch, once every 26 days.
 class bucket_core {
 public:
     using clock = std::chrono::steady_clock;
@@ -51,7 +52,7 @@ public:
     /// A full bucket of `burst` tokens refilled at `r`, starting at `now`.
     ///
     /// Throws `valve::error` (`errc::invalid_argument`) for an invalid rate (see `validate`), a
-    /// zero burst, or a burst that takes more than 200 days to refill at `r`.
+    /// zero burst, or a burst that takes more than 13 days to refill at `r`.
     bucket_core(rate r, std::size_t burst, time_point now);
 
     bucket_core(const bucket_core&) = delete;
@@ -77,7 +78,8 @@ public:
     /// Cancels a reservation whose `ready` time has not passed, returning its tokens less any
     /// that reservations made after it have already claimed (as `x/time/rate` does). Returns
     /// the number of tokens given back (possibly fractional). A reservation made before a
-    /// later rate or burst change gives back nothing.
+    /// later rate or burst change gives back nothing. Reservations may be in debt by at most
+    /// 13 days: beyond that `reserve` fails with `errc::would_exceed_deadline`.
     double cancel(const reservation& r, time_point now) noexcept;
 
     /// Puts back `n` tokens taken at `now` that turned out not to be needed (for example one
@@ -105,7 +107,10 @@ public:
 private:
     struct config;
     // One configuration, read by every call in the fast path; a cache line of its own.
+    // `seq` is a sequence lock: odd while being written, else twice the configuration's
+    // generation, so a reader can tell a consistent, current copy from a recycled one.
     struct alignas(64) slot {
+        std::atomic<std::uint64_t> seq{1};
         std::atomic<std::int64_t> epoch{0};   // ns since the clock's epoch that state times count from
         std::atomic<std::int64_t> cost{1};    // state units per token
         std::atomic<std::int64_t> window{1};  // burst * cost
@@ -117,9 +122,10 @@ private:
     };
 
     static config make_config(const rate& r, std::size_t burst, std::int64_t epoch);
-    config load(unsigned version) const noexcept;
-    rate rate_of(unsigned version) const noexcept;
-    void publish(unsigned version, const config& c) noexcept;
+    bool read(std::uint64_t s, config& c) const noexcept;
+    config snapshot(std::uint64_t& s) const noexcept;
+    rate rate_of(unsigned generation) const noexcept;
+    void publish(std::uint64_t generation, const config& c) noexcept;
     void reconfigure(const rate* r, const std::size_t* burst, time_point now);
     void rebase(time_point now) noexcept;
 
@@ -128,6 +134,7 @@ private:
     alignas(64) std::atomic<std::uint64_t> state_;
     std::array<slot, 16> slots_;
     std::mutex writer_;
+    std::uint64_t generation_ = 0; // under writer_
 };
 
 } // namespace valve

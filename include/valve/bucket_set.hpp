@@ -16,20 +16,23 @@
 namespace valve {
 
 namespace detail {
-void initiate_acquire_all(const std::vector<std::shared_ptr<bucket_impl>>& buckets,
-                          const boost::asio::any_io_executor& ex, acquire_handler handler, std::size_t n,
-                          std::chrono::steady_clock::time_point deadline);
+struct bucket_set_state;
+void initiate_acquire_all(const std::shared_ptr<const bucket_set_state>& set, acquire_handler handler,
+                          std::size_t n, std::chrono::steady_clock::time_point deadline);
 } // namespace detail
 
 /// Several buckets taken from together, all or nothing: 2/s *and* 10/min *and* a disk bucket.
 ///
 /// An acquisition takes `n` tokens from every bucket at one instant or from none. While it
 /// waits it holds nothing: it sleeps until the moment every bucket could give `n` (after the
-/// waiters already queued on each), then takes from all; if another caller got there first, it
-/// gives back what it took and plans again. So no bucket's tokens sit idle while another is slow.
+/// waiters already queued on each when it arrived), then takes from all; if another caller got
+/// there first, it gives back what it took and plans again. So no bucket's tokens sit idle
+/// while another is slow. A change of rate or burst on any bucket re-plans it at once;
+/// `cancel()` or destruction of any bucket cancels it.
 ///
 /// The buckets are shared, not owned: each may be used on its own and in other sets. Their
-/// queues stay alive as long as an acquisition needs them.
+/// queues stay alive as long as an acquisition needs them, and so does the set's own state:
+/// an operation (even a `deferred` one) may outlive the `bucket_set` object.
 ///
 /// Thread safety: every member function may be called from any thread, concurrently.
 class bucket_set {
@@ -39,13 +42,14 @@ public:
     using time_point = clock::time_point;
 
     /// The set of `buckets`; acquisitions wait on the first bucket's executor.
-    /// Throws `valve::error` (`errc::invalid_argument`) when `buckets` is empty.
+    /// Throws `valve::error` (`errc::invalid_argument`) when `buckets` is empty or names one
+    /// bucket twice.
     bucket_set(std::initializer_list<std::reference_wrapper<token_bucket>> buckets);
 
     /// As above, from any range of bucket references.
     explicit bucket_set(const std::vector<std::reference_wrapper<token_bucket>>& buckets);
 
-    executor_type get_executor() const noexcept { return executor_; }
+    executor_type get_executor() const noexcept;
 
     /// Takes `n` tokens from every bucket if all have them now and none has a queued waiter;
     /// otherwise takes nothing. Never blocks or throws.
@@ -72,27 +76,27 @@ public:
     auto async_acquire(std::size_t n, time_point deadline, CompletionToken&& token)
     {
         return boost::asio::async_initiate<CompletionToken, void(boost::system::error_code)>(
-            initiation{}, token, this, n, deadline);
+            initiation{}, token, state_, n, deadline);
     }
 
     /// When `n` tokens could be taken from every bucket, behind their queued waiters.
     time_point next_available(std::size_t n = 1) const noexcept;
 
     /// The number of buckets in the set.
-    std::size_t size() const noexcept { return buckets_.size(); }
+    std::size_t size() const noexcept;
 
 private:
     struct initiation {
         template <class Handler>
-        void operator()(Handler&& handler, bucket_set* self, std::size_t n, time_point deadline) const
+        void operator()(Handler&& handler, const std::shared_ptr<const detail::bucket_set_state>& state,
+                        std::size_t n, time_point deadline) const
         {
-            detail::initiate_acquire_all(self->buckets_, self->executor_,
-                                         detail::acquire_handler(std::forward<Handler>(handler)), n, deadline);
+            detail::initiate_acquire_all(state, detail::acquire_handler(std::forward<Handler>(handler)), n,
+                                         deadline);
         }
     };
 
-    std::vector<std::shared_ptr<detail::bucket_impl>> buckets_;
-    executor_type executor_;
+    std::shared_ptr<const detail::bucket_set_state> state_;
 };
 
 } // namespace valve

@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <mutex>
+#include <vector>
 #include <optional>
 
 namespace valve::detail {
@@ -29,6 +31,16 @@ void post_completion(acquire_handler handler, const boost::asio::any_io_executor
 /// capacity yet never releases more than one token beyond the burst at once.
 std::chrono::nanoseconds backdate_limit(const rate& r) noexcept;
 
+/// An operation that waits on several buckets at once (a bucket_set acquisition): told when a
+/// bucket's rate or burst changes, or when the bucket cancels its waiters.
+class bucket_watcher {
+public:
+    virtual void bucket_changed(bool cancelled) = 0;
+
+protected:
+    ~bucket_watcher() = default;
+};
+
 class bucket_impl : public std::enable_shared_from_this<bucket_impl> {
 public:
     using clock = std::chrono::steady_clock;
@@ -37,10 +49,15 @@ public:
     bucket_impl(const boost::asio::any_io_executor& ex, rate r, std::size_t burst);
 
     void initiate(acquire_handler handler, std::size_t n, time_point deadline);
-    bool try_acquire(std::size_t n) noexcept;
     void cancel_all();
+    /// After a rate or burst change: re-check every waiter's deadline and re-plan the head.
     void replan();
+    /// Re-plan the head only (tokens came back).
+    void wake();
     void close();
+
+    void watch(std::weak_ptr<bucket_watcher> w);
+    void unwatch(const bucket_watcher* w);
 
     boost::asio::any_io_executor executor_;
     bucket_core core_;
@@ -64,6 +81,8 @@ private:
     void enqueue(std::uint64_t id, waiter w);
     void on_cancel(std::uint64_t id);
     void pump(time_point cursor);
+    void fail_missed_deadlines();
+    void notify(bool cancelled);
     void finish(std::map<std::uint64_t, waiter>::iterator it, boost::system::error_code ec);
     void arm(time_point t);
 
@@ -76,6 +95,9 @@ private:
     std::uint64_t timer_generation_ = 0;
     time_point planned_ = time_point::max();
     bool closed_ = false;
+
+    std::mutex watchers_mutex_;
+    std::vector<std::weak_ptr<bucket_watcher>> watchers_;
 };
 
 } // namespace valve::detail
