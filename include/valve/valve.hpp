@@ -6,8 +6,10 @@
 #include <valve/bucket_core.hpp>
 #include <valve/bucket_set.hpp>
 #include <valve/error.hpp>
+#include <valve/limiter.hpp>
 #include <valve/log.hpp>
 #include <valve/rate.hpp>
+#include <valve/resource.hpp>
 #include <valve/token_bucket.hpp>
 
 #endif

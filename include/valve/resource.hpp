@@ -1,0 +1,68 @@
+#ifndef VALVE_RESOURCE_HPP
+#define VALVE_RESOURCE_HPP
+
+#include <valve/rate.hpp>
+#include <valve/token_bucket.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+
+#include <chrono>
+#include <cstddef>
+#include <memory>
+#include <utility>
+#include <vector>
+
+namespace valve {
+
+class bucket_set;
+
+/// The limits a task must pass before it runs: the one seam between a limiter and what it
+/// limits by. In-process token buckets stand here today; a limit shared by many processes (held
+/// in Redis, say) can stand here later without changing limiters or their callers.
+///
+/// Thread safety: implementations must allow every member to be called from any thread.
+class resource {
+public:
+    using clock = std::chrono::steady_clock;
+    using time_point = clock::time_point;
+
+    virtual ~resource() = default;
+
+    /// Takes `n` tokens if that needs no waiting.
+    virtual bool try_acquire(std::size_t n) = 0;
+
+    /// Waits for `n` tokens; completes `handler` with an error code as
+    /// `token_bucket::async_acquire` does, including per-operation cancellation.
+    virtual void async_acquire(std::size_t n, detail::acquire_handler handler) = 0;
+
+    /// When `n` tokens could be had by a caller arriving now.
+    virtual time_point next_available(std::size_t n) const = 0;
+};
+
+/// A resource made of in-process token buckets, taken from all or none: a rate and burst, plus
+/// any number of further limits (10 per minute *and* 2 per second, ...).
+class bucket_resource final : public resource {
+public:
+    /// One bucket of `r` and `burst` on `ex`. Throws `valve::error` for an invalid rate or burst.
+    bucket_resource(const boost::asio::any_io_executor& ex, rate r, std::size_t burst = 1);
+    ~bucket_resource() override;
+
+    /// Adds a further limit that every acquisition must pass too.
+    void also_limit(rate r, std::size_t burst);
+
+    /// The first bucket: its rate can be changed at run time.
+    token_bucket& primary() noexcept { return *buckets_.front(); }
+
+    bool try_acquire(std::size_t n) override;
+    void async_acquire(std::size_t n, detail::acquire_handler handler) override;
+    time_point next_available(std::size_t n) const override;
+
+private:
+    boost::asio::any_io_executor executor_;
+    std::vector<std::unique_ptr<token_bucket>> buckets_;
+    std::unique_ptr<bucket_set> set_; // when there is more than one bucket
+};
+
+} // namespace valve
+
+#endif

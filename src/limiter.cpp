@@ -1,0 +1,328 @@
+#include <valve/limiter.hpp>
+
+#include <valve/error.hpp>
+
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/bind_executor.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+
+#include <atomic>
+#include <map>
+#include <optional>
+#include <vector>
+
+namespace asio = boost::asio;
+
+namespace valve {
+
+namespace detail {
+
+std::exception_ptr make_exception(boost::system::error_code ec)
+{
+    return std::make_exception_ptr(boost::system::system_error(ec));
+}
+
+/// The limiter's state. Everything but the counters lives on `strand_`.
+class limiter_core : public std::enable_shared_from_this<limiter_core> {
+public:
+    limiter_core(const asio::any_io_executor& ex, std::shared_ptr<resource> limits, limiter_options options,
+                 const asio::any_io_executor& task_ex)
+        : executor_(ex), task_executor_(task_ex), strand_(asio::make_strand(ex)), limits_(std::move(limits)),
+          options_(options)
+    {
+    }
+
+    void submit(std::unique_ptr<job_base> job)
+    {
+        queued_.fetch_add(1, std::memory_order_relaxed);
+        const std::uint64_t id = next_id_.fetch_add(1, std::memory_order_relaxed);
+        // Installed before the job is posted, so a cancellation emitted after this call returns
+        // always reaches the strand after the job does.
+        auto slot = job->cancellation_slot();
+        if (slot.is_connected()) slot.template emplace<cancel_handler>(weak_from_this(), id);
+        asio::post(strand_, [self = shared_from_this(), id, job = std::move(job)]() mutable {
+            self->admit(id, std::move(job));
+        });
+    }
+
+    void finished()
+    {
+        asio::post(strand_, [self = shared_from_this()] {
+            --self->running_;
+            self->running_count_.fetch_sub(1, std::memory_order_relaxed);
+            self->pump();
+        });
+    }
+
+    void shutdown(acquire_handler handler, std::chrono::nanoseconds grace)
+    {
+        asio::post(strand_, [self = shared_from_this(), handler = std::move(handler), grace]() mutable {
+            self->begin_shutdown(std::move(handler), grace);
+        });
+    }
+
+    void close()
+    {
+        asio::post(strand_, [self = shared_from_this()] {
+            self->closing_ = true;
+            self->abort_all(asio::error::operation_aborted);
+        });
+    }
+
+    std::size_t queued() const noexcept { return queued_.load(std::memory_order_relaxed); }
+    std::size_t running() const noexcept { return running_count_.load(std::memory_order_relaxed); }
+
+    asio::any_io_executor executor_;
+    asio::any_io_executor task_executor_;
+
+private:
+    using job_ptr = std::unique_ptr<job_base>;
+    using job_map = std::map<std::uint64_t, job_ptr>; // FIFO by id; node-based
+
+    struct cancel_handler {
+        cancel_handler(std::weak_ptr<limiter_core> c, std::uint64_t i) : core(std::move(c)), id(i) {}
+
+        std::weak_ptr<limiter_core> core;
+        std::uint64_t id;
+
+        void operator()(asio::cancellation_type type) const
+        {
+            // A queued task has not run and holds no token: every kind of cancellation is safe.
+            constexpr auto honoured = asio::cancellation_type::terminal | asio::cancellation_type::partial
+                                      | asio::cancellation_type::total;
+            if ((type & honoured) == asio::cancellation_type::none) return;
+            if (auto c = core.lock()) asio::post(c->strand_, [c, id = id] { c->cancel(id); });
+        }
+    };
+
+    void admit(std::uint64_t id, job_ptr job)
+    {
+        if (closing_ || shutting_down_) return drop(std::move(job), errc::shutting_down);
+        if (queue_.size() < options_.queue_capacity) {
+            queue_.emplace(id, std::move(job));
+            pump();
+        } else if (options_.on_queue_full == queue_full_policy::wait) {
+            overflow_.emplace(id, std::move(job));
+        } else {
+            drop(std::move(job), errc::queue_full);
+        }
+    }
+
+    void drop(job_ptr job, boost::system::error_code ec)
+    {
+        queued_.fetch_sub(1, std::memory_order_relaxed);
+        job->abort(ec);
+    }
+
+    void cancel(std::uint64_t id)
+    {
+        for (job_map* m : {&queue_, &overflow_}) {
+            const auto it = m->find(id);
+            if (it == m->end()) continue;
+            if (m == &queue_ && it == queue_.begin() && acquiring_) {
+                // The head is waiting for its token: stop that wait first; its completion
+                // (operation_aborted) removes the job.
+                acquire_cancel_.emit(asio::cancellation_type::terminal);
+                cancel_head_ = id;
+                return;
+            }
+            job_ptr job = std::move(it->second);
+            m->erase(it);
+            drop(std::move(job), asio::error::operation_aborted);
+            refill();
+            return;
+        }
+    }
+
+    // Moves tasks waiting for room into the queue.
+    void refill()
+    {
+        while (!overflow_.empty() && queue_.size() < options_.queue_capacity) {
+            auto node = overflow_.extract(overflow_.begin());
+            queue_.insert(std::move(node));
+        }
+    }
+
+    void pump()
+    {
+        while (!queue_.empty() && running_ < options_.concurrency && !acquiring_) {
+            if (limits_->try_acquire(1)) {
+                start(queue_.begin());
+                continue;
+            }
+            // Wait for the head's token; nothing else may start before it (FIFO).
+            acquiring_ = true;
+            const std::uint64_t id = queue_.begin()->first;
+            limits_->async_acquire(
+                1, asio::bind_cancellation_slot(
+                       acquire_cancel_.slot(),
+                       asio::bind_executor(strand_, [self = shared_from_this(), id](boost::system::error_code ec) {
+                           self->on_token(id, ec);
+                       })));
+            return;
+        }
+        maybe_finish_shutdown();
+    }
+
+    void on_token(std::uint64_t id, boost::system::error_code ec)
+    {
+        acquiring_ = false;
+        const auto it = queue_.find(id);
+        if (cancel_head_ == id) {
+            cancel_head_.reset();
+            if (it != queue_.end()) {
+                job_ptr job = std::move(it->second);
+                queue_.erase(it);
+                drop(std::move(job), asio::error::operation_aborted);
+                refill();
+            }
+            // A token granted just before the cancellation landed is not returned: the bucket
+            // has no way to take it back exactly.
+        } else if (ec) {
+            // The resource refused (its rate changed to exceed a burst, or it was cancelled):
+            // the task cannot run.
+            if (it != queue_.end()) {
+                job_ptr job = std::move(it->second);
+                queue_.erase(it);
+                drop(std::move(job), ec);
+                refill();
+            }
+        } else if (it != queue_.end()) {
+            start(it);
+        }
+        pump();
+    }
+
+    void start(job_map::iterator it)
+    {
+        job_ptr job = std::move(it->second);
+        queue_.erase(it);
+        refill();
+        ++running_;
+        running_count_.fetch_add(1, std::memory_order_relaxed);
+        queued_.fetch_sub(1, std::memory_order_relaxed);
+        job_base* raw = job.get();
+        raw->run(std::move(job), shared_from_this());
+    }
+
+    void abort_all(boost::system::error_code ec)
+    {
+        if (acquiring_ && !queue_.empty()) {
+            cancel_head_ = queue_.begin()->first;
+            acquire_cancel_.emit(asio::cancellation_type::terminal);
+        }
+        for (job_map* m : {&overflow_, &queue_}) {
+            for (auto it = m->begin(); it != m->end();) {
+                if (acquiring_ && m == &queue_ && it == m->begin()) {
+                    ++it; // removed when its token wait completes
+                    continue;
+                }
+                job_ptr job = std::move(it->second);
+                it = m->erase(it);
+                drop(std::move(job), ec);
+            }
+        }
+    }
+
+    void begin_shutdown(acquire_handler handler, std::chrono::nanoseconds grace)
+    {
+        shutting_down_ = true;
+        shutdown_waiters_.push_back(std::move(handler));
+        // Nothing new is admitted: those waiting for room are refused now.
+        for (auto it = overflow_.begin(); it != overflow_.end();) {
+            job_ptr job = std::move(it->second);
+            it = overflow_.erase(it);
+            drop(std::move(job), errc::shutting_down);
+        }
+        if (!grace_timer_) {
+            grace_timer_.emplace(strand_);
+            grace_timer_->expires_after(grace);
+            grace_timer_->async_wait([self = shared_from_this()](boost::system::error_code ec) {
+                if (ec) return;
+                self->abort_all(asio::error::operation_aborted);
+                self->maybe_finish_shutdown();
+            });
+        }
+        maybe_finish_shutdown();
+    }
+
+    void maybe_finish_shutdown()
+    {
+        if (!shutting_down_ || !queue_.empty() || !overflow_.empty() || running_ != 0 || acquiring_) return;
+        if (grace_timer_) grace_timer_->cancel();
+        for (auto& h : shutdown_waiters_) post_done(std::move(h));
+        shutdown_waiters_.clear();
+    }
+
+    void post_done(acquire_handler h)
+    {
+        asio::post(executor_, asio::append(std::move(h), boost::system::error_code{}));
+    }
+
+    asio::strand<asio::any_io_executor> strand_;
+    std::shared_ptr<resource> limits_;
+    limiter_options options_;
+
+    job_map queue_;    // admitted, waiting for a token and a slot
+    job_map overflow_; // waiting for room (queue_full_policy::wait)
+    std::size_t running_ = 0;
+    bool acquiring_ = false;
+    std::optional<std::uint64_t> cancel_head_;
+    asio::cancellation_signal acquire_cancel_;
+    bool shutting_down_ = false;
+    bool closing_ = false;
+    std::optional<asio::steady_timer> grace_timer_;
+    std::vector<acquire_handler> shutdown_waiters_;
+
+    std::atomic<std::uint64_t> next_id_{0};
+    std::atomic<std::size_t> queued_{0};
+    std::atomic<std::size_t> running_count_{0};
+};
+
+void limiter_submit(const std::shared_ptr<limiter_core>& core, std::unique_ptr<job_base> job)
+{
+    core->submit(std::move(job));
+}
+
+void limiter_finished(const std::shared_ptr<limiter_core>& core) { core->finished(); }
+
+const asio::any_io_executor& limiter_executor(const limiter_core& core) noexcept { return core.executor_; }
+
+const asio::any_io_executor& limiter_task_executor(const limiter_core& core) noexcept { return core.task_executor_; }
+
+} // namespace detail
+
+limiter::limiter(const executor_type& ex, std::shared_ptr<resource> limits, limiter_options options,
+                 const executor_type& task_ex)
+{
+    if (!limits) detail::throw_error(errc::invalid_argument, "valve: a limiter needs a resource to limit by");
+    if (options.concurrency == 0)
+        detail::throw_error(errc::invalid_argument, "valve: concurrency must be at least 1 (nothing could run)");
+    if (options.queue_capacity == 0 && options.on_queue_full == queue_full_policy::wait)
+        detail::throw_error(errc::invalid_argument,
+                            "valve: a zero-capacity queue with queue_full_policy::wait would never admit a task: "
+                            "give the queue room or use queue_full_policy::reject");
+    core_ = std::make_shared<detail::limiter_core>(ex, std::move(limits), options, task_ex);
+}
+
+limiter::~limiter()
+{
+    if (core_) core_->close();
+}
+
+limiter::executor_type limiter::get_executor() const noexcept { return core_->executor_; }
+
+std::size_t limiter::queued() const noexcept { return core_->queued(); }
+
+std::size_t limiter::running() const noexcept { return core_->running(); }
+
+void limiter::shutdown_initiation::operator()(detail::acquire_handler handler,
+                                              const std::shared_ptr<detail::limiter_core>& core,
+                                              std::chrono::nanoseconds grace) const
+{
+    core->shutdown(std::move(handler), grace);
+}
+
+} // namespace valve

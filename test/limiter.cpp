@@ -1,0 +1,345 @@
+#include <valve/limiter.hpp>
+
+#include <valve/error.hpp>
+
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/thread_pool.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <future>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+using boost::system::error_code;
+using valve::limiter;
+using valve::limiter_options;
+using valve::rate;
+
+namespace {
+
+std::shared_ptr<valve::bucket_resource> unlimited(asio::io_context& ioc)
+{
+    return std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::unlimited());
+}
+
+error_code code_of(const std::exception_ptr& e)
+{
+    try {
+        if (e) std::rethrow_exception(e);
+    } catch (const boost::system::system_error& se) {
+        return se.code();
+    } catch (...) {
+    }
+    return {};
+}
+
+// A gate that blocking tasks wait on, so a test decides when they finish (no sleeping).
+struct gate {
+    std::promise<void> p;
+    std::shared_future<void> f = p.get_future().share();
+    void open() { p.set_value(); }
+    void wait() const { f.wait(); }
+};
+
+} // namespace
+
+TEST(limiter, blocking_task_result_comes_back_on_the_submitters_executor)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{2};
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{}, pool.get_executor());
+    int result = 0;
+    bool on_io_thread = false;
+    std::thread::id task_thread;
+    const auto io_thread = std::this_thread::get_id();
+    asio::co_spawn(
+        ioc,
+        [&]() -> asio::awaitable<void> {
+            result = co_await lim->submit([&] {
+                task_thread = std::this_thread::get_id();
+                return 42;
+            });
+            on_io_thread = std::this_thread::get_id() == io_thread;
+        },
+        asio::detached);
+    ioc.run();
+    EXPECT_EQ(result, 42);
+    EXPECT_TRUE(on_io_thread);
+    EXPECT_NE(task_thread, io_thread); // the blocking task ran on the pool
+    pool.join();
+}
+
+TEST(limiter, exceptions_are_rethrown_and_the_pool_keeps_going)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{}, pool.get_executor());
+    std::string caught;
+    int after = 0;
+    asio::co_spawn(
+        ioc,
+        [&]() -> asio::awaitable<void> {
+            try {
+                co_await lim->submit([]() -> int { throw std::runtime_error("upstream said no"); });
+            } catch (const std::runtime_error& e) {
+                caught = e.what();
+            }
+            after = co_await lim->submit([] { return 7; });
+            co_await lim->submit([] {}); // void tasks too
+        },
+        asio::detached);
+    ioc.run();
+    EXPECT_EQ(caught, "upstream said no");
+    EXPECT_EQ(after, 7);
+    pool.join();
+}
+
+TEST(limiter, async_tasks_run_on_the_submitters_executor)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{}, pool.get_executor());
+    std::string body;
+    std::thread::id task_thread;
+    asio::co_spawn(
+        ioc,
+        [&]() -> asio::awaitable<void> {
+            body = co_await lim->submit([&]() -> asio::awaitable<std::string> {
+                task_thread = std::this_thread::get_id();
+                co_return "fetched";
+            });
+        },
+        asio::detached);
+    ioc.run();
+    EXPECT_EQ(body, "fetched");
+    EXPECT_EQ(task_thread, std::this_thread::get_id()); // no hop to the pool
+    pool.join();
+}
+
+TEST(limiter, any_completion_token_works)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{}, pool.get_executor());
+    int calls = 0, value = 0;
+    lim->async_submit([] { return 5; }, [&](std::exception_ptr e, int v) {
+        calls += !e;
+        value = v;
+    });
+    EXPECT_EQ(calls, 0); // never inside the initiating call
+    ioc.run();
+    EXPECT_EQ(calls, 1);
+    EXPECT_EQ(value, 5);
+    pool.join();
+}
+
+TEST(limiter, never_runs_more_than_its_concurrency)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{4};
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{.concurrency = 2},
+                                         pool.get_executor());
+    std::atomic<int> now_running{0}, most{0}, done{0};
+    gate release;
+    for (int i = 0; i < 6; ++i)
+        lim->async_submit(
+            [&] {
+                const int r = ++now_running;
+                for (int m = most; m < r && !most.compare_exchange_weak(m, r);) {
+                }
+                release.wait();
+                --now_running;
+            },
+            [&](std::exception_ptr) { ++done; });
+    std::thread io([&] { ioc.run(); });
+    // Four pool threads are free, but only two tasks may start.
+    const auto give_up = std::chrono::steady_clock::now() + 30s;
+    while (now_running < 2 && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
+    EXPECT_EQ(lim->running(), 2u);
+    EXPECT_EQ(lim->queued(), 4u);
+    release.open();
+    io.join();
+    EXPECT_EQ(done.load(), 6);
+    EXPECT_EQ(most.load(), 2);
+    pool.join();
+}
+
+TEST(limiter, a_full_queue_says_no_at_once)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc),
+                                         limiter_options{.concurrency = 1, .queue_capacity = 2}, pool.get_executor());
+    gate release;
+    std::vector<error_code> outcomes(4);
+    std::atomic<int> completed{0};
+    for (int i = 0; i < 4; ++i)
+        lim->async_submit([&] { release.wait(); }, [&, i](std::exception_ptr e) {
+            outcomes[i] = code_of(e);
+            ++completed;
+        });
+    // One runs, two wait, the fourth is refused without waiting for anything to finish.
+    while (completed < 1) ioc.run_one();
+    EXPECT_EQ(outcomes[3], valve::errc::queue_full);
+    release.open();
+    ioc.run();
+    EXPECT_FALSE(outcomes[0]);
+    EXPECT_FALSE(outcomes[1]);
+    EXPECT_FALSE(outcomes[2]);
+    pool.join();
+}
+
+TEST(limiter, wait_policy_lets_the_submitter_wait_for_room)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto lim = std::make_shared<limiter>(
+        ioc.get_executor(), unlimited(ioc),
+        limiter_options{.concurrency = 1, .queue_capacity = 1, .on_queue_full = valve::queue_full_policy::wait},
+        pool.get_executor());
+    std::vector<int> order;
+    for (int i = 0; i < 4; ++i) lim->async_submit([i] { return i; }, [&](std::exception_ptr e, int v) {
+        if (!e) order.push_back(v);
+    });
+    ioc.run();
+    EXPECT_EQ(order, (std::vector<int>{0, 1, 2, 3}));
+    pool.join();
+}
+
+TEST(limiter, tasks_pass_the_resources_rate)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{2};
+    auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::per_second(50), 1);
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), limits, limiter_options{.concurrency = 4},
+                                         pool.get_executor());
+    const auto start = std::chrono::steady_clock::now();
+    std::vector<std::chrono::steady_clock::time_point> ran(5);
+    for (int i = 0; i < 5; ++i)
+        lim->async_submit([&, i] { ran[i] = std::chrono::steady_clock::now(); }, [](std::exception_ptr) {});
+    ioc.run();
+    // Burst 1, then one every 20 ms: the fifth runs no earlier than 80 ms after the start.
+    EXPECT_GE(ran[4] - start, 80ms);
+    for (int i = 1; i < 5; ++i) EXPECT_GE(ran[i], ran[i - 1]); // FIFO
+    pool.join();
+}
+
+TEST(limiter, cancelling_a_queued_task_means_it_never_runs_and_takes_no_token)
+{
+    using namespace asio::experimental::awaitable_operators;
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::zero(), 2);
+    ASSERT_TRUE(limits->try_acquire(2)); // no tokens, and none will come
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), limits, limiter_options{}, pool.get_executor());
+    bool ran = false;
+    std::optional<std::size_t> winner;
+    asio::co_spawn(
+        ioc,
+        [&]() -> asio::awaitable<void> {
+            asio::steady_timer timeout{ioc, 20ms};
+            auto v = co_await (lim->submit([&] { ran = true; }) || timeout.async_wait(asio::use_awaitable));
+            winner = v.index();
+        },
+        asio::detached);
+    ioc.run();
+    ASSERT_TRUE(winner);
+    EXPECT_EQ(*winner, 1u);
+    EXPECT_FALSE(ran);
+    EXPECT_EQ(lim->queued(), 0u);
+    pool.join();
+}
+
+TEST(limiter, cancellation_with_a_signal_reports_operation_aborted)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::zero(), 1);
+    ASSERT_TRUE(limits->try_acquire(1));
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), limits, limiter_options{}, pool.get_executor());
+    asio::cancellation_signal head, second;
+    error_code head_ec, second_ec;
+    lim->async_submit([] {}, asio::bind_cancellation_slot(head.slot(), [&](std::exception_ptr e) { head_ec = code_of(e); }));
+    lim->async_submit([] {},
+                      asio::bind_cancellation_slot(second.slot(), [&](std::exception_ptr e) { second_ec = code_of(e); }));
+    ioc.poll();
+    EXPECT_EQ(lim->queued(), 2u);
+    second.emit(asio::cancellation_type::terminal); // behind the head
+    head.emit(asio::cancellation_type::terminal);   // the head, waiting for its token
+    ioc.run();
+    EXPECT_EQ(head_ec, asio::error::operation_aborted);
+    EXPECT_EQ(second_ec, asio::error::operation_aborted);
+    EXPECT_EQ(lim->queued(), 0u);
+    EXPECT_DOUBLE_EQ(limits->primary().available(), 0.0);
+    pool.join();
+}
+
+TEST(limiter, shutdown_drains_then_refuses)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{2};
+    auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::per_second(200), 1);
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), limits, limiter_options{.concurrency = 2},
+                                         pool.get_executor());
+    std::atomic<int> ran{0};
+    int ok = 0;
+    for (int i = 0; i < 5; ++i) lim->async_submit([&] { ++ran; }, [&](std::exception_ptr e) { ok += !e; });
+    error_code shut = valve::errc::timed_out;
+    lim->async_shutdown(5s, [&](error_code ec) { shut = ec; });
+    error_code late;
+    lim->async_submit([&] { ++ran; }, [&](std::exception_ptr e) { late = code_of(e); });
+    ioc.run();
+    EXPECT_FALSE(shut);
+    EXPECT_EQ(ok, 5); // every task submitted before the shutdown ran
+    EXPECT_EQ(ran.load(), 5);
+    EXPECT_EQ(late, valve::errc::shutting_down);
+    pool.join();
+}
+
+TEST(limiter, shutdown_grace_aborts_what_cannot_finish)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::zero(), 1);
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), limits, limiter_options{}, pool.get_executor());
+    std::vector<error_code> outcomes;
+    for (int i = 0; i < 3; ++i) lim->async_submit([] {}, [&](std::exception_ptr e) { outcomes.push_back(code_of(e)); });
+    error_code shut = valve::errc::timed_out;
+    lim->async_shutdown(30ms, [&](error_code ec) { shut = ec; });
+    ioc.run();
+    EXPECT_FALSE(shut);
+    // The first had the burst's token; the others could never get one and were aborted.
+    ASSERT_EQ(outcomes.size(), 3u);
+    EXPECT_FALSE(outcomes[0]);
+    EXPECT_EQ(outcomes[1], asio::error::operation_aborted);
+    EXPECT_EQ(outcomes[2], asio::error::operation_aborted);
+    pool.join();
+}
+
+TEST(limiter, bad_options_throw)
+{
+    asio::io_context ioc;
+    EXPECT_THROW(limiter(ioc.get_executor(), unlimited(ioc), limiter_options{.concurrency = 0}, ioc.get_executor()),
+                 valve::error);
+    EXPECT_THROW(limiter(ioc.get_executor(), unlimited(ioc),
+                         limiter_options{.queue_capacity = 0, .on_queue_full = valve::queue_full_policy::wait},
+                         ioc.get_executor()),
+                 valve::error);
+    EXPECT_THROW(limiter(ioc.get_executor(), nullptr, limiter_options{}, ioc.get_executor()), valve::error);
+}
