@@ -28,9 +28,9 @@ std::exception_ptr make_exception(boost::system::error_code ec)
 class limiter_core : public std::enable_shared_from_this<limiter_core> {
 public:
     limiter_core(const asio::any_io_executor& ex, std::shared_ptr<resource> limits, limiter_options options,
-                 const asio::any_io_executor& task_ex)
-        : executor_(ex), task_executor_(task_ex), strand_(asio::make_strand(ex)), limits_(std::move(limits)),
-          options_(options)
+                 const asio::any_io_executor& task_ex, std::shared_ptr<void> keep_alive)
+        : executor_(ex), task_executor_(task_ex), keep_alive_(std::move(keep_alive)), strand_(asio::make_strand(ex)),
+          limits_(std::move(limits)), options_(options)
     {
     }
 
@@ -78,6 +78,7 @@ public:
     asio::any_io_executor task_executor_;
 
 private:
+    std::shared_ptr<void> keep_alive_;
     using job_ptr = std::unique_ptr<job_base>;
     using job_map = std::map<std::uint64_t, job_ptr>; // FIFO by id; node-based
 
@@ -295,7 +296,7 @@ const asio::any_io_executor& limiter_task_executor(const limiter_core& core) noe
 } // namespace detail
 
 limiter::limiter(const executor_type& ex, std::shared_ptr<resource> limits, limiter_options options,
-                 const executor_type& task_ex)
+                 const executor_type& task_ex, std::shared_ptr<void> keep_alive)
 {
     if (!limits) detail::throw_error(errc::invalid_argument, "valve: a limiter needs a resource to limit by");
     if (options.concurrency == 0)
@@ -304,7 +305,7 @@ limiter::limiter(const executor_type& ex, std::shared_ptr<resource> limits, limi
         detail::throw_error(errc::invalid_argument,
                             "valve: a zero-capacity queue with queue_full_policy::wait would never admit a task: "
                             "give the queue room or use queue_full_policy::reject");
-    core_ = std::make_shared<detail::limiter_core>(ex, std::move(limits), options, task_ex);
+    core_ = std::make_shared<detail::limiter_core>(ex, std::move(limits), options, task_ex, std::move(keep_alive));
 }
 
 limiter::~limiter()

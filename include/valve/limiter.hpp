@@ -209,11 +209,12 @@ class limiter : public std::enable_shared_from_this<limiter> {
 public:
     using executor_type = boost::asio::any_io_executor;
 
-    /// A limiter whose bookkeeping runs on `ex` and whose blocking tasks run on `task_ex`.
-    /// Throws `valve::error` (`errc::invalid_argument`) for zero concurrency, or a zero
-    /// queue capacity with `queue_full_policy::wait`.
+    /// A limiter whose bookkeeping runs on `ex` and whose blocking tasks run on `task_ex`;
+    /// `keep_alive` (say, the thread pool behind `task_ex`) lives as long as the limiter.
+    /// Throws `valve::error` (`errc::invalid_argument`) for a null resource, zero concurrency,
+    /// or a zero queue capacity with `queue_full_policy::wait`.
     limiter(const executor_type& ex, std::shared_ptr<resource> limits, limiter_options options,
-            const executor_type& task_ex);
+            const executor_type& task_ex, std::shared_ptr<void> keep_alive = {});
 
     /// Refuses new tasks and aborts queued ones (`operation_aborted`); running tasks finish.
     ~limiter();

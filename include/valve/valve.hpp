@@ -8,6 +8,7 @@
 #include <valve/error.hpp>
 #include <valve/limiter.hpp>
 #include <valve/log.hpp>
+#include <valve/manager.hpp>
 #include <valve/rate.hpp>
 #include <valve/resource.hpp>
 #include <valve/token_bucket.hpp>

@@ -1,0 +1,189 @@
+#ifndef VALVE_MANAGER_HPP
+#define VALVE_MANAGER_HPP
+
+#include <valve/limiter.hpp>
+#include <valve/rate.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/async_result.hpp>
+
+#include <chrono>
+#include <cstddef>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace valve {
+
+/// Profile option: all users of the profile share one resource, named `key`; profiles naming
+/// the same key share that one resource.
+struct shared_resource_option {
+    std::string key;
+    rate limit;
+    std::size_t burst = 1;
+};
+inline shared_resource_option shared_resource(std::string key, rate limit, std::size_t burst = 1)
+{
+    return {std::move(key), limit, burst};
+}
+
+/// Profile option: every user of the profile gets a private resource of its own.
+struct dedicated_resource_option {
+    rate limit;
+    std::size_t burst = 1;
+};
+inline dedicated_resource_option dedicated_resource(rate limit, std::size_t burst = 1) { return {limit, burst}; }
+
+/// Profile option: a further limit every task must pass too (any number; all or nothing).
+struct also_limit_option {
+    rate limit;
+    std::size_t burst = 1;
+};
+inline also_limit_option also_limit(rate limit, std::size_t burst) { return {limit, burst}; }
+
+/// Profile option: at most `concurrency` tasks running and `queue_capacity` waiting, per
+/// limiter. Default: 1 and 100.
+struct worker_pool_option {
+    std::size_t concurrency;
+    std::size_t queue_capacity;
+};
+inline worker_pool_option worker_pool(std::size_t concurrency, std::size_t queue_capacity)
+{
+    return {concurrency, queue_capacity};
+}
+
+/// Profile option: what a full queue does (default `queue_full_policy::reject`).
+struct on_queue_full_option {
+    queue_full_policy policy;
+};
+inline on_queue_full_option on_queue_full(queue_full_policy p) { return {p}; }
+
+/// Profile option (dedicated profiles): a user's limiter is dropped after `timeout` with nothing
+/// queued or running and nobody holding it; the next `get_limiter` makes a fresh one.
+struct idle_timeout_option {
+    std::chrono::nanoseconds timeout;
+};
+template <class Rep, class Period>
+idle_timeout_option idle_timeout(std::chrono::duration<Rep, Period> d)
+{
+    return {std::chrono::duration_cast<std::chrono::nanoseconds>(d)};
+}
+
+/// Profile option: run the profile's blocking tasks on `ex` instead of a thread pool the
+/// manager makes for the profile.
+struct run_on_option {
+    boost::asio::any_io_executor executor;
+};
+inline run_on_option run_on(boost::asio::any_io_executor ex) { return {std::move(ex)}; }
+
+namespace detail {
+
+struct profile_config {
+    std::optional<shared_resource_option> shared;
+    std::optional<dedicated_resource_option> dedicated;
+    std::vector<also_limit_option> also;
+    std::optional<worker_pool_option> pool;
+    std::optional<queue_full_policy> policy;
+    std::optional<std::chrono::nanoseconds> idle;
+    std::optional<boost::asio::any_io_executor> executor;
+    std::vector<std::string> errors; // options given twice, in words
+};
+
+void apply(profile_config& c, shared_resource_option o);
+void apply(profile_config& c, dedicated_resource_option o);
+void apply(profile_config& c, also_limit_option o);
+void apply(profile_config& c, worker_pool_option o);
+void apply(profile_config& c, on_queue_full_option o);
+void apply(profile_config& c, idle_timeout_option o);
+void apply(profile_config& c, run_on_option o);
+
+class manager_state;
+
+} // namespace detail
+
+/// Named profiles of limits, and the limiters of their users.
+///
+/// ```
+/// valve::manager mgr{ioc.get_executor()};
+/// mgr.register_profile("free-tier", valve::shared_resource("free-key", valve::rate::per_second(2)),
+///                      valve::worker_pool(5, 100));
+/// mgr.register_profile("pro-tier", valve::dedicated_resource(valve::rate::per_second(10)),
+///                      valve::worker_pool(10, 200));
+/// auto pro = mgr.get_limiter("pro-tier", "pro-user-123");
+/// int n = co_await pro->submit([] { return expensive_call(); });
+/// ```
+///
+/// A shared profile has one limiter for all its users; a dedicated profile makes one limiter,
+/// with its own resource, per user on first use. Each profile's blocking tasks run on a thread
+/// pool of `concurrency` threads that the manager owns (or on `run_on`'s executor).
+///
+/// Thread safety: every member function may be called from any thread, concurrently.
+class manager {
+public:
+    using executor_type = boost::asio::any_io_executor;
+
+    /// A manager whose limiters keep their books on `ex` (usually the application's io_context).
+    explicit manager(const executor_type& ex);
+
+    /// A manager that runs its bookkeeping on a thread of its own.
+    manager();
+
+    /// Refuses new tasks, aborts queued ones and waits for running blocking tasks to finish.
+    ~manager();
+
+    manager(const manager&) = delete;
+    manager& operator=(const manager&) = delete;
+
+    executor_type get_executor() const noexcept;
+
+    /// Registers a profile. Throws `valve::error`: `errc::duplicate_profile` for a name already
+    /// registered; `errc::invalid_argument` for options that do not fit together (neither or
+    /// both of a shared and a dedicated resource, an option given twice, an idle timeout on a
+    /// shared profile, a resource key already registered with other limits), zero concurrency,
+    /// a zero-capacity queue with `queue_full_policy::wait`, or an invalid rate or burst.
+    template <class... Options>
+    void register_profile(std::string name, Options&&... options)
+    {
+        detail::profile_config config;
+        (detail::apply(config, std::forward<Options>(options)), ...);
+        register_profile(std::move(name), std::move(config));
+    }
+
+    /// The limiter for `user` under `profile`. Throws `valve::error` with
+    /// `errc::unknown_profile` for a profile never registered, `errc::shutting_down` after
+    /// shutdown began.
+    std::shared_ptr<limiter> get_limiter(std::string_view profile, std::string_view user);
+
+    /// Limiters alive for `profile` now (1 for a shared profile; one per recent user for a
+    /// dedicated one).
+    std::size_t limiter_count(std::string_view profile) const;
+
+    /// Shuts every limiter down (see `limiter::async_shutdown`) and completes when all are
+    /// done. Completion signature: `void(boost::system::error_code)`.
+    template <class Rep, class Period, class CompletionToken>
+    auto async_shutdown(std::chrono::duration<Rep, Period> grace, CompletionToken&& token)
+    {
+        return boost::asio::async_initiate<CompletionToken, void(boost::system::error_code)>(
+            [](detail::acquire_handler h, manager* self, std::chrono::nanoseconds g) {
+                self->start_shutdown(std::move(h), g);
+            },
+            token, this, std::chrono::duration_cast<std::chrono::nanoseconds>(grace));
+    }
+
+    /// Blocking `async_shutdown`, then joins the profiles' threads. Must not be called from a
+    /// thread that runs the manager's executor (it would wait for itself).
+    void shutdown(std::chrono::nanoseconds grace = std::chrono::seconds(30));
+
+private:
+    void register_profile(std::string name, detail::profile_config config);
+    void start_shutdown(detail::acquire_handler handler, std::chrono::nanoseconds grace);
+
+    std::shared_ptr<detail::manager_state> state_;
+};
+
+} // namespace valve
+
+#endif

@@ -1,0 +1,310 @@
+#include <valve/manager.hpp>
+
+#include "detail/bucket_impl.hpp"
+
+#include <valve/bucket_core.hpp>
+#include <valve/error.hpp>
+#include <valve/log.hpp>
+
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/thread_pool.hpp>
+#include <boost/asio/use_future.hpp>
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <unordered_map>
+
+namespace asio = boost::asio;
+
+namespace valve {
+
+namespace detail {
+
+namespace {
+
+template <class T>
+void set_once(std::optional<T>& slot, T value, profile_config& c, const char* what)
+{
+    if (slot) c.errors.push_back(std::string(what) + " given twice");
+    slot = std::move(value);
+}
+
+void check_limit(const rate& r, std::size_t burst, const std::string& where)
+{
+    try {
+        bucket_core probe{r, burst, std::chrono::steady_clock::time_point{}};
+    } catch (const error& e) {
+        throw_error(errc::invalid_argument, where + ": " + e.what());
+    }
+}
+
+} // namespace
+
+void apply(profile_config& c, shared_resource_option o) { set_once(c.shared, std::move(o), c, "shared_resource"); }
+void apply(profile_config& c, dedicated_resource_option o) { set_once(c.dedicated, o, c, "dedicated_resource"); }
+void apply(profile_config& c, also_limit_option o) { c.also.push_back(o); }
+void apply(profile_config& c, worker_pool_option o) { set_once(c.pool, o, c, "worker_pool"); }
+void apply(profile_config& c, on_queue_full_option o) { set_once(c.policy, o.policy, c, "on_queue_full"); }
+void apply(profile_config& c, idle_timeout_option o) { set_once(c.idle, o.timeout, c, "idle_timeout"); }
+void apply(profile_config& c, run_on_option o) { set_once(c.executor, std::move(o.executor), c, "run_on"); }
+
+struct profile {
+    std::string name;
+    profile_config config;
+    limiter_options options;
+    std::shared_ptr<asio::thread_pool> pool; // when not run_on
+    asio::any_io_executor task_executor;
+    std::shared_ptr<resource> shared_limits; // shared profiles
+    std::shared_ptr<limiter> shared_limiter; // shared profiles
+    struct user {
+        std::shared_ptr<limiter> lim;
+        std::chrono::steady_clock::time_point last_used;
+    };
+    std::unordered_map<std::string, user> users; // dedicated profiles
+};
+
+class manager_state : public std::enable_shared_from_this<manager_state> {
+public:
+    explicit manager_state(const asio::any_io_executor& ex) : executor(ex) {}
+
+    asio::any_io_executor executor;
+    std::unique_ptr<asio::thread_pool> own_thread; // for manager()
+
+    mutable std::mutex mutex;
+    std::map<std::string, std::unique_ptr<profile>, std::less<>> profiles;
+    std::map<std::string, std::pair<shared_resource_option, std::shared_ptr<resource>>, std::less<>> resources;
+    bool shutting_down = false;
+    std::chrono::nanoseconds sweep_every = std::chrono::nanoseconds::max();
+    std::unique_ptr<asio::steady_timer> sweeper;
+
+    std::shared_ptr<limiter> make_limiter(profile& p, std::shared_ptr<resource> limits)
+    {
+        return std::make_shared<limiter>(executor, std::move(limits), p.options, p.task_executor, p.pool);
+    }
+
+    std::shared_ptr<resource> make_resource(const rate& r, std::size_t burst, const profile_config& c)
+    {
+        auto res = std::make_shared<bucket_resource>(executor, r, burst);
+        for (const auto& a : c.also) res->also_limit(a.limit, a.burst);
+        return res;
+    }
+
+    // Called with `mutex` held: start (or speed up) the sweep of idle dedicated limiters.
+    void schedule_sweep(std::chrono::nanoseconds idle)
+    {
+        const auto every = std::max<std::chrono::nanoseconds>(idle / 2, std::chrono::milliseconds(1));
+        if (every >= sweep_every) return;
+        sweep_every = every;
+        if (!sweeper) sweeper = std::make_unique<asio::steady_timer>(executor);
+        arm_sweep();
+    }
+
+    void arm_sweep()
+    {
+        sweeper->expires_after(sweep_every);
+        sweeper->async_wait([weak = weak_from_this()](boost::system::error_code ec) {
+            if (ec) return;
+            if (auto self = weak.lock()) self->sweep();
+        });
+    }
+
+    void sweep()
+    {
+        std::vector<std::shared_ptr<limiter>> dropped; // released outside the lock
+        std::lock_guard lock{mutex};
+        if (shutting_down) return;
+        const auto now = std::chrono::steady_clock::now();
+        for (auto& [name, p] : profiles) {
+            if (!p->config.idle) continue;
+            for (auto it = p->users.begin(); it != p->users.end();) {
+                const auto& u = it->second;
+                // Only the manager holds it, nothing is queued or running, and it has rested.
+                if (u.lim.use_count() == 1 && u.lim->queued() == 0 && u.lim->running() == 0
+                    && now - u.last_used >= *p->config.idle) {
+                    dropped.push_back(std::move(it->second.lim));
+                    it = p->users.erase(it);
+                } else {
+                    ++it;
+                }
+            }
+        }
+        if (!dropped.empty()) logger()->debug("valve: evicted {} idle limiters", dropped.size());
+        arm_sweep();
+    }
+
+    std::vector<std::shared_ptr<limiter>> all_limiters()
+    {
+        std::vector<std::shared_ptr<limiter>> out;
+        for (auto& [name, p] : profiles) {
+            if (p->shared_limiter) out.push_back(p->shared_limiter);
+            for (auto& [user, u] : p->users) out.push_back(u.lim);
+        }
+        return out;
+    }
+};
+
+} // namespace detail
+
+manager::manager(const executor_type& ex) : state_(std::make_shared<detail::manager_state>(ex)) {}
+
+manager::manager()
+{
+    auto own = std::make_unique<asio::thread_pool>(1);
+    state_ = std::make_shared<detail::manager_state>(own->get_executor());
+    state_->own_thread = std::move(own);
+}
+
+manager::~manager()
+{
+    std::vector<std::shared_ptr<limiter>> limiters;
+    std::vector<std::shared_ptr<asio::thread_pool>> pools;
+    {
+        std::lock_guard lock{state_->mutex};
+        state_->shutting_down = true;
+        limiters = state_->all_limiters();
+        for (auto& [name, p] : state_->profiles)
+            if (p->pool) pools.push_back(p->pool);
+        state_->sweeper.reset();
+    }
+    // No grace: queued tasks are aborted at once; running ones finish on their threads.
+    for (auto& l : limiters) l->async_shutdown(std::chrono::nanoseconds(0), [](boost::system::error_code) {});
+    limiters.clear();
+    for (auto& p : pools) p->join();
+    if (state_->own_thread) state_->own_thread->join();
+}
+
+manager::executor_type manager::get_executor() const noexcept { return state_->executor; }
+
+void manager::register_profile(std::string name, detail::profile_config config)
+{
+    using detail::throw_error;
+    const std::string where = "valve: profile \"" + name + "\"";
+    if (!config.errors.empty()) throw_error(errc::invalid_argument, where + ": " + config.errors.front());
+    if (config.shared.has_value() == config.dedicated.has_value())
+        throw_error(errc::invalid_argument,
+                    where + " needs exactly one of shared_resource(...) or dedicated_resource(...)");
+    if (config.shared && config.idle)
+        throw_error(errc::invalid_argument,
+                    where + ": idle_timeout applies to dedicated profiles only (a shared one has one limiter)");
+    if (config.idle && config.idle->count() <= 0)
+        throw_error(errc::invalid_argument, where + ": idle_timeout must be positive");
+    const auto pool = config.pool.value_or(worker_pool_option{1, 100});
+    const limiter_options options{pool.concurrency, pool.queue_capacity,
+                                  config.policy.value_or(queue_full_policy::reject)};
+    if (options.concurrency == 0)
+        throw_error(errc::invalid_argument, where + ": worker_pool concurrency must be at least 1");
+    if (options.queue_capacity == 0 && options.on_queue_full == queue_full_policy::wait)
+        throw_error(errc::invalid_argument,
+                    where + ": a zero-capacity queue with on_queue_full(wait) would never admit a task");
+    if (config.shared) detail::check_limit(config.shared->limit, config.shared->burst, where);
+    if (config.dedicated) detail::check_limit(config.dedicated->limit, config.dedicated->burst, where);
+    for (const auto& a : config.also) detail::check_limit(a.limit, a.burst, where + " (also_limit)");
+
+    std::lock_guard lock{state_->mutex};
+    if (state_->shutting_down) throw_error(errc::shutting_down, where + ": the manager is shutting down");
+    if (state_->profiles.count(name) != 0) throw_error(errc::duplicate_profile, where + " is already registered");
+
+    auto p = std::make_unique<detail::profile>();
+    p->name = name;
+    p->options = options;
+    if (config.executor) {
+        p->task_executor = *config.executor;
+    } else {
+        p->pool = std::make_shared<asio::thread_pool>(options.concurrency);
+        p->task_executor = p->pool->get_executor();
+    }
+    if (config.shared) {
+        const auto& key = config.shared->key;
+        auto found = state_->resources.find(key);
+        if (found != state_->resources.end()) {
+            const auto& known = found->second.first;
+            if (!(known.limit == config.shared->limit) || known.burst != config.shared->burst || !config.also.empty())
+                throw_error(errc::invalid_argument,
+                            where + ": resource \"" + key + "\" is already registered with other limits");
+            p->shared_limits = found->second.second;
+        } else {
+            p->shared_limits = state_->make_resource(config.shared->limit, config.shared->burst, config);
+            state_->resources.emplace(key, std::make_pair(*config.shared, p->shared_limits));
+        }
+        p->shared_limiter = state_->make_limiter(*p, p->shared_limits);
+    }
+    if (config.idle) state_->schedule_sweep(*config.idle);
+    p->config = std::move(config);
+    state_->profiles.emplace(std::move(name), std::move(p));
+}
+
+std::shared_ptr<limiter> manager::get_limiter(std::string_view profile_name, std::string_view user)
+{
+    std::lock_guard lock{state_->mutex};
+    if (state_->shutting_down)
+        detail::throw_error(errc::shutting_down, "valve: get_limiter: the manager is shutting down");
+    const auto found = state_->profiles.find(profile_name);
+    if (found == state_->profiles.end())
+        detail::throw_error(errc::unknown_profile,
+                            "valve: get_limiter: no profile \"" + std::string(profile_name) + "\" is registered");
+    detail::profile& p = *found->second;
+    if (p.shared_limiter) return p.shared_limiter;
+    auto& u = p.users[std::string(user)];
+    if (!u.lim) {
+        const auto& d = *p.config.dedicated;
+        u.lim = state_->make_limiter(p, state_->make_resource(d.limit, d.burst, p.config));
+    }
+    u.last_used = std::chrono::steady_clock::now();
+    return u.lim;
+}
+
+std::size_t manager::limiter_count(std::string_view profile_name) const
+{
+    std::lock_guard lock{state_->mutex};
+    const auto found = state_->profiles.find(profile_name);
+    if (found == state_->profiles.end()) return 0;
+    return found->second->shared_limiter ? 1 : found->second->users.size();
+}
+
+void manager::start_shutdown(detail::acquire_handler handler, std::chrono::nanoseconds grace)
+{
+    std::vector<std::shared_ptr<limiter>> limiters;
+    {
+        std::lock_guard lock{state_->mutex};
+        state_->shutting_down = true;
+        limiters = state_->all_limiters();
+        if (state_->sweeper) state_->sweeper->cancel();
+    }
+    struct join_state {
+        // Move-constructed, never move-assigned: Boost 1.81's any_completion_handler would wrap
+        // itself on assignment instead of moving.
+        join_state(std::size_t n, detail::acquire_handler h, asio::any_io_executor ex)
+            : left(n), handler(std::move(h)), executor(std::move(ex))
+        {
+        }
+        std::atomic<std::size_t> left;
+        detail::acquire_handler handler;
+        asio::any_io_executor executor;
+    };
+    // +1: released below, so a manager without limiters completes too.
+    auto js = std::make_shared<join_state>(limiters.size() + 1, std::move(handler), state_->executor);
+    auto one_done = [js](boost::system::error_code) {
+        if (--js->left == 0) detail::post_completion(std::move(js->handler), js->executor, {});
+    };
+    for (auto& l : limiters) l->async_shutdown(grace, one_done);
+    one_done({});
+}
+
+void manager::shutdown(std::chrono::nanoseconds grace)
+{
+    async_shutdown(grace, asio::use_future).get();
+    std::vector<std::shared_ptr<asio::thread_pool>> pools;
+    {
+        std::lock_guard lock{state_->mutex};
+        for (auto& [name, p] : state_->profiles)
+            if (p->pool) pools.push_back(p->pool);
+    }
+    for (auto& p : pools) p->join();
+}
+
+} // namespace valve

@@ -1,0 +1,244 @@
+#include <valve/manager.hpp>
+
+#include <valve/error.hpp>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+using boost::system::error_code;
+using valve::rate;
+
+namespace {
+
+error_code code_of(const std::exception_ptr& e)
+{
+    try {
+        if (e) std::rethrow_exception(e);
+    } catch (const boost::system::system_error& se) {
+        return se.code();
+    } catch (...) {
+    }
+    return {};
+}
+
+template <class F>
+error_code thrown_by(F&& f)
+{
+    try {
+        f();
+    } catch (const valve::error& e) {
+        return e.code();
+    }
+    return {};
+}
+
+// Counts the tasks that ran; tasks that can never get a token stay queued until shutdown.
+struct tally {
+    std::atomic<int> ran{0};
+    int aborted = 0;
+    void submit(valve::limiter& l)
+    {
+        l.async_submit([this] { ++ran; }, [this](std::exception_ptr e) {
+            if (code_of(e) == asio::error::operation_aborted) ++aborted;
+        });
+    }
+};
+
+} // namespace
+
+TEST(manager, a_shared_profile_gives_all_users_one_limiter)
+{
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    mgr.register_profile("free-tier", valve::shared_resource("free-key", rate::per_second(2)),
+                         valve::worker_pool(5, 100));
+    auto a = mgr.get_limiter("free-tier", "alice");
+    auto b = mgr.get_limiter("free-tier", "bob");
+    EXPECT_EQ(a, b);
+    EXPECT_EQ(mgr.limiter_count("free-tier"), 1u);
+}
+
+TEST(manager, profiles_naming_one_key_share_its_limit)
+{
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    // Two tokens in all, and no refill: across both profiles only two tasks can ever run.
+    mgr.register_profile("web", valve::shared_resource("key-1", rate::zero(), 2), valve::worker_pool(2, 10));
+    mgr.register_profile("batch", valve::shared_resource("key-1", rate::zero(), 2), valve::worker_pool(2, 10));
+    tally t;
+    for (int i = 0; i < 2; ++i) t.submit(*mgr.get_limiter("web", "u"));
+    for (int i = 0; i < 2; ++i) t.submit(*mgr.get_limiter("batch", "u"));
+    mgr.async_shutdown(50ms, [](error_code) {});
+    ioc.run();
+    EXPECT_EQ(t.ran.load(), 2);
+    EXPECT_EQ(t.aborted, 2);
+}
+
+TEST(manager, dedicated_users_each_get_their_own_limit)
+{
+    // govalve built one bucket at registration and handed it to every "dedicated" user.
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    mgr.register_profile("pro-tier", valve::dedicated_resource(rate::zero(), 1), valve::worker_pool(1, 10));
+    tally t;
+    for (const char* user : {"u1", "u2", "u3"})
+        for (int i = 0; i < 2; ++i) t.submit(*mgr.get_limiter("pro-tier", user));
+    EXPECT_NE(mgr.get_limiter("pro-tier", "u1"), mgr.get_limiter("pro-tier", "u2"));
+    EXPECT_EQ(mgr.limiter_count("pro-tier"), 3u);
+    mgr.async_shutdown(50ms, [](error_code) {});
+    ioc.run();
+    EXPECT_EQ(t.ran.load(), 3); // one token each
+    EXPECT_EQ(t.aborted, 3);
+}
+
+TEST(manager, also_limit_composes_with_the_resource)
+{
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    mgr.register_profile("pro-tier", valve::dedicated_resource(rate::per_second(1000), 10),
+                         valve::also_limit(rate::zero(), 3), valve::worker_pool(4, 10));
+    tally t;
+    auto l = mgr.get_limiter("pro-tier", "u");
+    for (int i = 0; i < 5; ++i) t.submit(*l);
+    mgr.async_shutdown(100ms, [](error_code) {});
+    ioc.run();
+    EXPECT_EQ(t.ran.load(), 3);
+    EXPECT_EQ(t.aborted, 2);
+}
+
+TEST(manager, results_come_back_through_profiles)
+{
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    mgr.register_profile("pro-tier", valve::dedicated_resource(rate::per_second(100), 5),
+                         valve::also_limit(rate::per(300, std::chrono::minutes(1)), 300), valve::worker_pool(2, 10));
+    int n = 0;
+    std::string body;
+    asio::co_spawn(
+        ioc,
+        [&]() -> asio::awaitable<void> {
+            auto pro = mgr.get_limiter("pro-tier", "pro-user-123");
+            n = co_await pro->submit([] { return 41 + 1; });
+            body = co_await pro->submit([]() -> asio::awaitable<std::string> { co_return "ok"; });
+        },
+        asio::detached);
+    ioc.run();
+    EXPECT_EQ(n, 42);
+    EXPECT_EQ(body, "ok");
+}
+
+TEST(manager, unknown_and_duplicate_profiles_are_errors)
+{
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    mgr.register_profile("p", valve::dedicated_resource(rate::per_second(1)));
+    EXPECT_EQ(thrown_by([&] { mgr.get_limiter("nope", "u"); }), valve::errc::unknown_profile);
+    EXPECT_EQ(thrown_by([&] { mgr.register_profile("p", valve::dedicated_resource(rate::per_second(1))); }),
+              valve::errc::duplicate_profile);
+}
+
+TEST(manager, options_that_do_not_fit_are_refused)
+{
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    const auto invalid = valve::errc::invalid_argument;
+    EXPECT_EQ(thrown_by([&] { mgr.register_profile("a", valve::worker_pool(1, 1)); }), invalid);
+    EXPECT_EQ(thrown_by([&] {
+                  mgr.register_profile("b", valve::shared_resource("k", rate::per_second(1)),
+                                       valve::dedicated_resource(rate::per_second(1)));
+              }),
+              invalid);
+    EXPECT_EQ(thrown_by([&] {
+                  mgr.register_profile("c", valve::shared_resource("k", rate::per_second(1)), valve::idle_timeout(1s));
+              }),
+              invalid);
+    EXPECT_EQ(thrown_by([&] {
+                  mgr.register_profile("d", valve::dedicated_resource(rate::per_second(1)), valve::worker_pool(0, 10));
+              }),
+              invalid);
+    EXPECT_EQ(thrown_by([&] {
+                  mgr.register_profile("e", valve::dedicated_resource(rate::per_second(1)), valve::worker_pool(1, 0),
+                                       valve::on_queue_full(valve::queue_full_policy::wait));
+              }),
+              invalid);
+    EXPECT_EQ(thrown_by([&] { mgr.register_profile("f", valve::dedicated_resource(rate::per_second(std::nan("")))); }),
+              invalid);
+    EXPECT_EQ(thrown_by([&] {
+                  mgr.register_profile("g", valve::dedicated_resource(rate::per_second(1)), valve::worker_pool(1, 1),
+                                       valve::worker_pool(2, 2));
+              }),
+              invalid);
+    mgr.register_profile("h", valve::shared_resource("k", rate::per_second(1)));
+    EXPECT_EQ(thrown_by([&] { mgr.register_profile("i", valve::shared_resource("k", rate::per_second(5))); }),
+              invalid);
+    // A refused profile is not half-registered.
+    EXPECT_EQ(thrown_by([&] { mgr.get_limiter("d", "u"); }), valve::errc::unknown_profile);
+}
+
+TEST(manager, idle_dedicated_limiters_are_evicted)
+{
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    mgr.register_profile("pro", valve::dedicated_resource(rate::per_second(10)), valve::idle_timeout(20ms));
+    for (int i = 0; i < 100; ++i) mgr.get_limiter("pro", "user-" + std::to_string(i));
+    auto held = mgr.get_limiter("pro", "holder"); // a user still holding its limiter keeps it
+    EXPECT_EQ(mgr.limiter_count("pro"), 101u);
+    const auto give_up = std::chrono::steady_clock::now() + 10s;
+    while (mgr.limiter_count("pro") > 1 && std::chrono::steady_clock::now() < give_up) ioc.run_for(10ms);
+    EXPECT_EQ(mgr.limiter_count("pro"), 1u);
+    EXPECT_EQ(mgr.get_limiter("pro", "holder"), held);
+}
+
+TEST(manager, get_limiter_is_safe_from_many_threads)
+{
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    mgr.register_profile("pro", valve::dedicated_resource(rate::unlimited()), valve::worker_pool(2, 1000));
+    std::vector<std::thread> threads;
+    std::vector<std::set<valve::limiter*>> seen(4);
+    std::atomic<int> ran{0};
+    for (int t = 0; t < 4; ++t)
+        threads.emplace_back([&, t] {
+            for (int i = 0; i < 200; ++i) {
+                auto l = mgr.get_limiter("pro", "user-" + std::to_string(i % 50));
+                seen[t].insert(l.get());
+                l->async_submit([&] { ++ran; }, [](std::exception_ptr) {});
+            }
+        });
+    for (auto& th : threads) th.join();
+    ioc.run();
+    EXPECT_EQ(mgr.limiter_count("pro"), 50u);
+    for (const auto& s : seen) EXPECT_EQ(s, seen[0]); // every thread got the same 50 limiters
+    EXPECT_EQ(ran.load(), 800);
+}
+
+TEST(manager, a_manager_with_its_own_thread_shuts_down_cleanly)
+{
+    std::atomic<int> ran{0};
+    std::atomic<int> refused{0};
+    {
+        valve::manager mgr;
+        mgr.register_profile("p", valve::shared_resource("k", rate::per_second(1000), 10), valve::worker_pool(2, 100));
+        auto l = mgr.get_limiter("p", "u");
+        for (int i = 0; i < 20; ++i) l->async_submit([&] { ++ran; }, [](std::exception_ptr) {});
+        mgr.shutdown(5s);
+        EXPECT_EQ(ran.load(), 20);
+        l->async_submit([&] { ++ran; }, [&](std::exception_ptr e) { refused += code_of(e) == valve::errc::shutting_down; });
+        EXPECT_EQ(thrown_by([&] { mgr.get_limiter("p", "u"); }), valve::errc::shutting_down);
+    }
+    EXPECT_EQ(ran.load(), 20);
+}
