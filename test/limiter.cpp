@@ -4,6 +4,7 @@
 
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/experimental/awaitable_operators.hpp>
@@ -342,4 +343,72 @@ TEST(limiter, bad_options_throw)
                          ioc.get_executor()),
                  valve::error);
     EXPECT_THROW(limiter(ioc.get_executor(), nullptr, limiter_options{}, ioc.get_executor()), valve::error);
+}
+
+TEST(limiter, every_task_runs_exactly_once_or_its_submitter_hears_why)
+{
+    // Thousands of tasks from two threads, a fifth of them cancelled at random moments, and a
+    // shutdown midway: each submission completes exactly once, a task runs at most once, and it
+    // ran exactly when its submitter was told it succeeded.
+    constexpr int per_thread = 2500;
+    constexpr int total = 2 * per_thread;
+    asio::io_context ioc;
+    auto guard = asio::make_work_guard(ioc);
+    std::vector<std::thread> io;
+    for (int i = 0; i < 2; ++i) io.emplace_back([&] { ioc.run(); });
+    asio::thread_pool pool{2};
+    auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::per_second(50'000), 20);
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), limits,
+                                         limiter_options{.concurrency = 4, .queue_capacity = 300}, pool.get_executor());
+    std::vector<std::atomic<int>> runs(total), completions(total);
+    std::vector<error_code> outcome(total);
+    std::vector<asio::cancellation_signal> signals(total);
+    std::atomic<int> ok{0}, full{0}, shutting{0}, aborted{0}, other{0};
+    std::atomic<bool> shut_done{false};
+    auto submitter = [&](int first) {
+        std::uint32_t seed = static_cast<std::uint32_t>(first) * 2654435761u + 1;
+        for (int i = first; i < first + per_thread; ++i) {
+            lim->async_submit([&, i] { ++runs[i]; },
+                              asio::bind_cancellation_slot(signals[i].slot(), [&, i](std::exception_ptr e) {
+                                  const auto ec = code_of(e);
+                                  outcome[i] = ec;
+                                  ++completions[i];
+                                  if (!ec)
+                                      ++ok;
+                                  else if (ec == valve::errc::queue_full)
+                                      ++full;
+                                  else if (ec == valve::errc::shutting_down)
+                                      ++shutting;
+                                  else if (ec == asio::error::operation_aborted)
+                                      ++aborted;
+                                  else
+                                      ++other;
+                              }));
+            seed = seed * 1664525u + 1013904223u;
+            if (seed % 5 == 0) signals[i].emit(asio::cancellation_type::terminal);
+            if (first == 0 && i == per_thread / 2)
+                lim->async_shutdown(5ms, [&](error_code) { shut_done = true; });
+        }
+    };
+    std::thread a(submitter, 0), b(submitter, per_thread);
+    a.join();
+    b.join();
+    const auto give_up = std::chrono::steady_clock::now() + 60s;
+    while ((ok + full + shutting + aborted + other < total || !shut_done) && std::chrono::steady_clock::now() < give_up)
+        std::this_thread::yield();
+    guard.reset();
+    for (auto& t : io) t.join();
+    pool.join();
+
+    EXPECT_TRUE(shut_done.load());
+    EXPECT_EQ(ok + full + shutting + aborted, total);
+    EXPECT_EQ(other.load(), 0);
+    for (int i = 0; i < total; ++i) {
+        ASSERT_EQ(completions[i].load(), 1) << "task " << i;
+        ASSERT_LE(runs[i].load(), 1) << "task " << i;
+        ASSERT_EQ(runs[i].load() == 1, !outcome[i]) << "task " << i;
+    }
+    EXPECT_GT(ok.load(), 0);
+    EXPECT_GT(shutting.load(), 0);
+    EXPECT_GT(aborted.load(), 0);
 }
