@@ -1,5 +1,7 @@
 #include <valve/limiter.hpp>
 
+#include "detail/fair_queue.hpp"
+
 #include <valve/error.hpp>
 
 #include <boost/asio/bind_cancellation_slot.hpp>
@@ -34,7 +36,7 @@ public:
     {
     }
 
-    void submit(std::unique_ptr<job_base> job)
+    void submit(std::uint64_t user, std::unique_ptr<job_base> job)
     {
         queued_.fetch_add(1, std::memory_order_relaxed);
         const std::uint64_t id = next_id_.fetch_add(1, std::memory_order_relaxed);
@@ -42,8 +44,8 @@ public:
         // always reaches the strand after the job does.
         auto slot = job->cancellation_slot();
         if (slot.is_connected()) slot.template emplace<cancel_handler>(weak_from_this(), id);
-        asio::post(strand_, [self = shared_from_this(), id, job = std::move(job)]() mutable {
-            self->admit(id, std::move(job));
+        asio::post(strand_, [self = shared_from_this(), id, user, job = std::move(job)]() mutable {
+            self->admit(id, user, std::move(job));
         });
     }
 
@@ -78,9 +80,13 @@ public:
     asio::any_io_executor task_executor_;
 
 private:
-    std::shared_ptr<void> keep_alive_;
     using job_ptr = std::unique_ptr<job_base>;
-    using job_map = std::map<std::uint64_t, job_ptr>; // FIFO by id; node-based
+    struct parked {
+        std::uint64_t user;
+        job_ptr job;
+    };
+
+    std::shared_ptr<void> keep_alive_;
 
     struct cancel_handler {
         cancel_handler(std::weak_ptr<limiter_core> c, std::uint64_t i) : core(std::move(c)), id(i) {}
@@ -98,14 +104,17 @@ private:
         }
     };
 
-    void admit(std::uint64_t id, job_ptr job)
+    // Tasks admitted and not yet running: the fair queue plus the one waiting for its token.
+    std::size_t admitted() const noexcept { return queue_.size() + (waiting_ ? 1 : 0); }
+
+    void admit(std::uint64_t id, std::uint64_t user, job_ptr job)
     {
         if (closing_ || shutting_down_) return drop(std::move(job), errc::shutting_down);
-        if (queue_.size() < options_.queue_capacity) {
-            queue_.emplace(id, std::move(job));
+        if (admitted() < options_.queue_capacity) {
+            queue_.push(id, user, std::move(job));
             pump();
         } else if (options_.on_queue_full == queue_full_policy::wait) {
-            overflow_.emplace(id, std::move(job));
+            overflow_.emplace(id, parked{user, std::move(job)});
         } else {
             drop(std::move(job), errc::queue_full);
         }
@@ -119,87 +128,74 @@ private:
 
     void cancel(std::uint64_t id)
     {
-        for (job_map* m : {&queue_, &overflow_}) {
-            const auto it = m->find(id);
-            if (it == m->end()) continue;
-            if (m == &queue_ && it == queue_.begin() && acquiring_) {
-                // The head is waiting for its token: stop that wait first; its completion
-                // (operation_aborted) removes the job.
-                acquire_cancel_.emit(asio::cancellation_type::terminal);
-                cancel_head_ = id;
-                return;
-            }
-            job_ptr job = std::move(it->second);
-            m->erase(it);
-            drop(std::move(job), asio::error::operation_aborted);
+        if (waiting_ && waiting_->first == id) {
+            // Waiting for its token: stop that wait; its completion (operation_aborted) drops
+            // the job.
+            cancel_waiting_ = true;
+            acquire_cancel_.emit(asio::cancellation_type::terminal);
+        } else if (queue_.contains(id)) {
+            drop(queue_.take(id, false), asio::error::operation_aborted);
             refill();
-            return;
+        } else if (const auto it = overflow_.find(id); it != overflow_.end()) {
+            job_ptr job = std::move(it->second.job);
+            overflow_.erase(it);
+            drop(std::move(job), asio::error::operation_aborted);
         }
     }
 
-    // Moves tasks waiting for room into the queue.
+    // Admits tasks waiting for room, oldest first.
     void refill()
     {
-        while (!overflow_.empty() && queue_.size() < options_.queue_capacity) {
+        while (!overflow_.empty() && admitted() < options_.queue_capacity) {
             auto node = overflow_.extract(overflow_.begin());
-            queue_.insert(std::move(node));
+            queue_.push(node.key(), node.mapped().user, std::move(node.mapped().job));
         }
     }
 
     void pump()
     {
-        while (!queue_.empty() && running_ < options_.concurrency && !acquiring_) {
+        while (!queue_.empty() && running_ < options_.concurrency && !waiting_) {
+            const std::uint64_t id = *queue_.next();
             if (limits_->try_acquire(1)) {
-                start(queue_.begin());
+                start(queue_.take(id, true));
                 continue;
             }
-            // Wait for the head's token; nothing else may start before it (FIFO).
-            acquiring_ = true;
-            const std::uint64_t id = queue_.begin()->first;
+            // The next task waits for its token; nothing else may start before it.
+            waiting_.emplace(id, queue_.take(id, true));
+            cancel_waiting_ = false;
             limits_->async_acquire(
                 1, asio::bind_cancellation_slot(
                        acquire_cancel_.slot(),
-                       asio::bind_executor(strand_, [self = shared_from_this(), id](boost::system::error_code ec) {
-                           self->on_token(id, ec);
+                       asio::bind_executor(strand_, [self = shared_from_this()](boost::system::error_code ec) {
+                           self->on_token(ec);
                        })));
             return;
         }
         maybe_finish_shutdown();
     }
 
-    void on_token(std::uint64_t id, boost::system::error_code ec)
+    void on_token(boost::system::error_code ec)
     {
-        acquiring_ = false;
-        const auto it = queue_.find(id);
-        if (cancel_head_ == id) {
-            cancel_head_.reset();
-            if (it != queue_.end()) {
-                job_ptr job = std::move(it->second);
-                queue_.erase(it);
-                drop(std::move(job), asio::error::operation_aborted);
-                refill();
-            }
-            // A token granted just before the cancellation landed is not returned: the bucket
+        job_ptr job = std::move(waiting_->second);
+        waiting_.reset();
+        if (cancel_waiting_) {
+            // A token granted just before the cancellation landed is not returned: the resource
             // has no way to take it back exactly.
+            drop(std::move(job), asio::error::operation_aborted);
+            refill();
         } else if (ec) {
-            // The resource refused (its rate changed to exceed a burst, or it was cancelled):
+            // The resource refused (a burst lowered below one token, or the bucket cancelled):
             // the task cannot run.
-            if (it != queue_.end()) {
-                job_ptr job = std::move(it->second);
-                queue_.erase(it);
-                drop(std::move(job), ec);
-                refill();
-            }
-        } else if (it != queue_.end()) {
-            start(it);
+            drop(std::move(job), ec);
+            refill();
+        } else {
+            start(std::move(job));
         }
         pump();
     }
 
-    void start(job_map::iterator it)
+    void start(job_ptr job)
     {
-        job_ptr job = std::move(it->second);
-        queue_.erase(it);
         refill();
         ++running_;
         running_count_.fetch_add(1, std::memory_order_relaxed);
@@ -210,21 +206,13 @@ private:
 
     void abort_all(boost::system::error_code ec)
     {
-        if (acquiring_ && !queue_.empty()) {
-            cancel_head_ = queue_.begin()->first;
+        if (waiting_) {
+            cancel_waiting_ = true;
             acquire_cancel_.emit(asio::cancellation_type::terminal);
         }
-        for (job_map* m : {&overflow_, &queue_}) {
-            for (auto it = m->begin(); it != m->end();) {
-                if (acquiring_ && m == &queue_ && it == m->begin()) {
-                    ++it; // removed when its token wait completes
-                    continue;
-                }
-                job_ptr job = std::move(it->second);
-                it = m->erase(it);
-                drop(std::move(job), ec);
-            }
-        }
+        for (auto& [id, p] : overflow_) drop(std::move(p.job), ec);
+        overflow_.clear();
+        queue_.drain([&](std::uint64_t, job_ptr job) { drop(std::move(job), ec); });
     }
 
     void begin_shutdown(acquire_handler handler, std::chrono::nanoseconds grace)
@@ -232,11 +220,8 @@ private:
         shutting_down_ = true;
         shutdown_waiters_.push_back(std::move(handler));
         // Nothing new is admitted: those waiting for room are refused now.
-        for (auto it = overflow_.begin(); it != overflow_.end();) {
-            job_ptr job = std::move(it->second);
-            it = overflow_.erase(it);
-            drop(std::move(job), errc::shutting_down);
-        }
+        for (auto& [id, p] : overflow_) drop(std::move(p.job), errc::shutting_down);
+        overflow_.clear();
         if (!grace_timer_) {
             grace_timer_.emplace(strand_);
             grace_timer_->expires_after(grace);
@@ -251,7 +236,7 @@ private:
 
     void maybe_finish_shutdown()
     {
-        if (!shutting_down_ || !queue_.empty() || !overflow_.empty() || running_ != 0 || acquiring_) return;
+        if (!shutting_down_ || !queue_.empty() || !overflow_.empty() || running_ != 0 || waiting_) return;
         if (grace_timer_) grace_timer_->cancel();
         for (auto& h : shutdown_waiters_) post_done(std::move(h));
         shutdown_waiters_.clear();
@@ -266,12 +251,12 @@ private:
     std::shared_ptr<resource> limits_;
     limiter_options options_;
 
-    job_map queue_;    // admitted, waiting for a token and a slot
-    job_map overflow_; // waiting for room (queue_full_policy::wait)
-    std::size_t running_ = 0;
-    bool acquiring_ = false;
-    std::optional<std::uint64_t> cancel_head_;
+    fair_queue<job_ptr> queue_;                  // admitted: round-robin between users, FIFO within
+    std::map<std::uint64_t, parked> overflow_;   // waiting for room (queue_full_policy::wait)
+    std::optional<std::pair<std::uint64_t, job_ptr>> waiting_; // the next task, waiting for its token
+    bool cancel_waiting_ = false;
     asio::cancellation_signal acquire_cancel_;
+    std::size_t running_ = 0;
     bool shutting_down_ = false;
     bool closing_ = false;
     std::optional<asio::steady_timer> grace_timer_;
@@ -282,9 +267,9 @@ private:
     std::atomic<std::size_t> running_count_{0};
 };
 
-void limiter_submit(const std::shared_ptr<limiter_core>& core, std::unique_ptr<job_base> job)
+void limiter_submit(const std::shared_ptr<limiter_core>& core, std::uint64_t user, std::unique_ptr<job_base> job)
 {
-    core->submit(std::move(job));
+    core->submit(user, std::move(job));
 }
 
 void limiter_finished(const std::shared_ptr<limiter_core>& core) { core->finished(); }
@@ -308,9 +293,19 @@ limiter::limiter(const executor_type& ex, std::shared_ptr<resource> limits, limi
     core_ = std::make_shared<detail::limiter_core>(ex, std::move(limits), options, task_ex, std::move(keep_alive));
 }
 
+limiter::limiter(std::shared_ptr<detail::limiter_core> core, std::uint64_t user)
+    : core_(std::move(core)), user_(user), owner_(false)
+{
+}
+
 limiter::~limiter()
 {
-    if (core_) core_->close();
+    if (core_ && owner_) core_->close();
+}
+
+std::shared_ptr<limiter> limiter::for_user(std::uint64_t user) const
+{
+    return std::shared_ptr<limiter>(new limiter(core_, user));
 }
 
 limiter::executor_type limiter::get_executor() const noexcept { return core_->executor_; }

@@ -14,6 +14,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <functional>
 #include <atomic>
 #include <map>
 #include <mutex>
@@ -248,7 +249,9 @@ std::shared_ptr<limiter> manager::get_limiter(std::string_view profile_name, std
         detail::throw_error(errc::unknown_profile,
                             "valve: get_limiter: no profile \"" + std::string(profile_name) + "\" is registered");
     detail::profile& p = *found->second;
-    if (p.shared_limiter) return p.shared_limiter;
+    // Users of a shared profile share its queue, each under an id of its own so that they are
+    // served round-robin; a handle is cheap and not kept (a million one-off users cost nothing).
+    if (p.shared_limiter) return p.shared_limiter->for_user(std::hash<std::string_view>{}(user));
     auto& u = p.users[std::string(user)];
     if (!u.lim) {
         const auto& d = *p.config.dedicated;

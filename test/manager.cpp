@@ -11,7 +11,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <algorithm>
 #include <cmath>
+#include <mutex>
 #include <set>
 #include <string>
 #include <thread>
@@ -68,8 +70,35 @@ TEST(manager, a_shared_profile_gives_all_users_one_limiter)
                          valve::worker_pool(5, 100));
     auto a = mgr.get_limiter("free-tier", "alice");
     auto b = mgr.get_limiter("free-tier", "bob");
-    EXPECT_EQ(a, b);
     EXPECT_EQ(mgr.limiter_count("free-tier"), 1u);
+    // Two handles, one queue: what bob queues, alice's handle sees.
+    b->async_submit([] {}, [](std::exception_ptr) {});
+    b->async_submit([] {}, [](std::exception_ptr) {});
+    EXPECT_EQ(a->queued(), 2u);
+    ioc.run();
+    EXPECT_EQ(a->queued(), 0u);
+}
+
+TEST(manager, users_of_a_shared_profile_take_turns)
+{
+    // A user with 1,000 queued tasks does not delay another user's single task by more than a
+    // few task slots (govalve served them strictly in arrival order).
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    mgr.register_profile("free-tier", valve::shared_resource("k", rate::unlimited()), valve::worker_pool(1, 2000));
+    std::vector<std::string> order;
+    std::mutex m;
+    auto record = [&](std::string who) {
+        std::lock_guard lock{m};
+        order.push_back(std::move(who));
+    };
+    auto flooder = mgr.get_limiter("free-tier", "flooder");
+    for (int i = 0; i < 1000; ++i) flooder->async_submit([&] { record("flood"); }, [](std::exception_ptr) {});
+    mgr.get_limiter("free-tier", "newcomer")->async_submit([&] { record("newcomer"); }, [](std::exception_ptr) {});
+    ioc.run();
+    ASSERT_EQ(order.size(), 1001u);
+    const auto position = std::find(order.begin(), order.end(), "newcomer") - order.begin();
+    EXPECT_LE(position, 3);
 }
 
 TEST(manager, profiles_naming_one_key_share_its_limit)

@@ -62,7 +62,7 @@ public:
     virtual boost::asio::cancellation_slot cancellation_slot() noexcept = 0;
 };
 
-void limiter_submit(const std::shared_ptr<limiter_core>& core, std::unique_ptr<job_base> job);
+void limiter_submit(const std::shared_ptr<limiter_core>& core, std::uint64_t user, std::unique_ptr<job_base> job);
 void limiter_finished(const std::shared_ptr<limiter_core>& core);
 const boost::asio::any_io_executor& limiter_executor(const limiter_core& core) noexcept;
 const boost::asio::any_io_executor& limiter_task_executor(const limiter_core& core) noexcept;
@@ -199,8 +199,9 @@ private:
 /// Runs tasks under a resource's limits, at most `concurrency` at once, with a bounded queue.
 ///
 /// A submitted task is admitted into the queue (or refused at once with `errc::queue_full`, or
-/// its submitter waits for room under `queue_full_policy::wait`), waits in FIFO order for a
-/// token of the resource and a free slot, then runs: a plain callable on the task executor (a
+/// its submitter waits for room under `queue_full_policy::wait`), waits its turn (round-robin
+/// between users, see `for_user`; FIFO within a user) for a token of the resource and a free
+/// slot, then runs: a plain callable on the task executor (a
 /// thread pool for blocking work), a callable returning `asio::awaitable<T>` on the submitter's
 /// executor. Its result or exception comes back to the submitter, on the submitter's executor.
 ///
@@ -240,7 +241,7 @@ public:
     auto async_submit(Task&& task, CompletionToken&& token)
     {
         using signature = typename detail::task_traits<std::decay_t<Task>>::signature;
-        return boost::asio::async_initiate<CompletionToken, signature>(initiation{}, token, core_,
+        return boost::asio::async_initiate<CompletionToken, signature>(initiation{}, token, core_, user_,
                                                                       std::forward<Task>(task));
     }
 
@@ -261,6 +262,13 @@ public:
             shutdown_initiation{}, token, core_, std::chrono::duration_cast<std::chrono::nanoseconds>(grace));
     }
 
+    /// The same limiter (one queue, one resource, one concurrency cap) seen by another user:
+    /// queued tasks of different users are served round-robin, so one user flooding the queue
+    /// cannot starve the others; each user's own tasks stay first come, first served. Tasks
+    /// submitted through `*this` count as user 0's. Only the original limiter's destruction
+    /// closes the queue.
+    std::shared_ptr<limiter> for_user(std::uint64_t user) const;
+
     /// Tasks waiting in the queue (and for room) now.
     std::size_t queued() const noexcept;
     /// Tasks running now.
@@ -269,11 +277,13 @@ public:
 private:
     struct initiation {
         template <class Handler, class Task>
-        void operator()(Handler&& handler, const std::shared_ptr<detail::limiter_core>& core, Task&& task) const
+        void operator()(Handler&& handler, const std::shared_ptr<detail::limiter_core>& core, std::uint64_t user,
+                        Task&& task) const
         {
             using job_t = detail::job<std::decay_t<Task>, std::decay_t<Handler>>;
-            detail::limiter_submit(core, std::make_unique<job_t>(std::forward<Task>(task), std::forward<Handler>(handler),
-                                                                 detail::limiter_executor(*core)));
+            detail::limiter_submit(core, user,
+                                   std::make_unique<job_t>(std::forward<Task>(task), std::forward<Handler>(handler),
+                                                           detail::limiter_executor(*core)));
         }
     };
     struct shutdown_initiation {
@@ -281,7 +291,11 @@ private:
                         std::chrono::nanoseconds grace) const;
     };
 
+    limiter(std::shared_ptr<detail::limiter_core> core, std::uint64_t user);
+
     std::shared_ptr<detail::limiter_core> core_;
+    std::uint64_t user_ = 0;
+    bool owner_ = true;
 };
 
 } // namespace valve

@@ -116,8 +116,9 @@ class manager_state;
 /// int n = co_await pro->submit([] { return expensive_call(); });
 /// ```
 ///
-/// A shared profile has one limiter for all its users; a dedicated profile makes one limiter,
-/// with its own resource, per user on first use. Each profile's blocking tasks run on a thread
+/// A shared profile has one limiter (one queue, one resource) for all its users, who are served
+/// round-robin; a dedicated profile makes one limiter, with its own resource, per user on first
+/// use. Each profile's blocking tasks run on a thread
 /// pool of `concurrency` threads that the manager owns (or on `run_on`'s executor).
 ///
 /// Thread safety: every member function may be called from any thread, concurrently.
@@ -152,7 +153,9 @@ public:
         register_profile(std::move(name), std::move(config));
     }
 
-    /// The limiter for `user` under `profile`. Throws `valve::error` with
+    /// The limiter for `user` under `profile`: for a shared profile, a handle on the profile's
+    /// one limiter that marks the tasks as `user`'s (see `limiter::for_user`); for a dedicated
+    /// profile, the user's own limiter. Throws `valve::error` with
     /// `errc::unknown_profile` for a profile never registered, `errc::shutting_down` after
     /// shutdown began.
     std::shared_ptr<limiter> get_limiter(std::string_view profile, std::string_view user);
