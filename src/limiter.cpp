@@ -38,6 +38,7 @@ public:
 
     void submit(std::uint64_t user, std::unique_ptr<job_base> job)
     {
+        submitted_.fetch_add(1, std::memory_order_relaxed);
         queued_.fetch_add(1, std::memory_order_relaxed);
         const std::uint64_t id = next_id_.fetch_add(1, std::memory_order_relaxed);
         // Installed before the job is posted, so a cancellation emitted after this call returns
@@ -49,8 +50,10 @@ public:
         });
     }
 
-    void finished()
+    void finished(bool threw)
     {
+        (threw ? failed_ : completed_).fetch_add(1, std::memory_order_relaxed);
+        progress();
         asio::post(strand_, [self = shared_from_this()] {
             --self->running_;
             self->running_count_.fetch_sub(1, std::memory_order_relaxed);
@@ -71,6 +74,25 @@ public:
             self->closing_ = true;
             self->abort_all(asio::error::operation_aborted);
         });
+    }
+
+    limiter_stats stats() const noexcept
+    {
+        limiter_stats st;
+        st.submitted = submitted_.load(std::memory_order_relaxed);
+        st.rejected = rejected_.load(std::memory_order_relaxed);
+        st.completed = completed_.load(std::memory_order_relaxed);
+        st.failed = failed_.load(std::memory_order_relaxed);
+        st.cancelled = cancelled_.load(std::memory_order_relaxed);
+        st.queued = queued();
+        st.running = running();
+        st.queue_time_total = std::chrono::nanoseconds{queue_ns_total_.load(std::memory_order_relaxed)};
+        st.queue_time_max = std::chrono::nanoseconds{queue_ns_max_.load(std::memory_order_relaxed)};
+        st.token_wait_total = std::chrono::nanoseconds{token_ns_total_.load(std::memory_order_relaxed)};
+        st.token_wait_max = std::chrono::nanoseconds{token_ns_max_.load(std::memory_order_relaxed)};
+        st.last_progress = std::chrono::steady_clock::time_point{
+            std::chrono::steady_clock::duration{last_progress_.load(std::memory_order_relaxed)}};
+        return st;
     }
 
     std::size_t queued() const noexcept { return queued_.load(std::memory_order_relaxed); }
@@ -110,6 +132,7 @@ private:
     void admit(std::uint64_t id, std::uint64_t user, job_ptr job)
     {
         if (closing_ || shutting_down_) return drop(std::move(job), errc::shutting_down);
+        job->admitted = std::chrono::steady_clock::now();
         if (admitted() < options_.queue_capacity) {
             queue_.push(id, user, std::move(job));
             pump();
@@ -123,7 +146,20 @@ private:
     void drop(job_ptr job, boost::system::error_code ec)
     {
         queued_.fetch_sub(1, std::memory_order_relaxed);
+        (ec == asio::error::operation_aborted ? cancelled_ : rejected_).fetch_add(1, std::memory_order_relaxed);
         job->abort(ec);
+    }
+
+    static void add_time(std::atomic<std::int64_t>& total, std::atomic<std::int64_t>& max, std::int64_t ns)
+    {
+        total.fetch_add(ns, std::memory_order_relaxed);
+        // Only the strand writes `max`.
+        if (ns > max.load(std::memory_order_relaxed)) max.store(ns, std::memory_order_relaxed);
+    }
+
+    void progress() noexcept
+    {
+        last_progress_.store(std::chrono::steady_clock::now().time_since_epoch().count(), std::memory_order_relaxed);
     }
 
     void cancel(std::uint64_t id)
@@ -162,6 +198,7 @@ private:
             }
             // The next task waits for its token; nothing else may start before it.
             waiting_.emplace(id, queue_.take(id, true));
+            waiting_since_ = std::chrono::steady_clock::now();
             cancel_waiting_ = false;
             limits_->async_acquire(
                 1, asio::bind_cancellation_slot(
@@ -178,6 +215,9 @@ private:
     {
         job_ptr job = std::move(waiting_->second);
         waiting_.reset();
+        add_time(token_ns_total_, token_ns_max_,
+                 std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - waiting_since_)
+                     .count());
         if (cancel_waiting_) {
             // A token granted just before the cancellation landed is not returned: the resource
             // has no way to take it back exactly.
@@ -197,6 +237,10 @@ private:
     void start(job_ptr job)
     {
         refill();
+        const auto now = std::chrono::steady_clock::now();
+        add_time(queue_ns_total_, queue_ns_max_,
+                 std::chrono::duration_cast<std::chrono::nanoseconds>(now - job->admitted).count());
+        progress();
         ++running_;
         running_count_.fetch_add(1, std::memory_order_relaxed);
         queued_.fetch_sub(1, std::memory_order_relaxed);
@@ -262,9 +306,15 @@ private:
     std::optional<asio::steady_timer> grace_timer_;
     std::vector<acquire_handler> shutdown_waiters_;
 
+    std::chrono::steady_clock::time_point waiting_since_{};
+
     std::atomic<std::uint64_t> next_id_{0};
     std::atomic<std::size_t> queued_{0};
     std::atomic<std::size_t> running_count_{0};
+    // Statistics: relaxed counters, read by stats() from any thread.
+    std::atomic<std::uint64_t> submitted_{0}, rejected_{0}, completed_{0}, failed_{0}, cancelled_{0};
+    std::atomic<std::int64_t> queue_ns_total_{0}, queue_ns_max_{0}, token_ns_total_{0}, token_ns_max_{0};
+    std::atomic<std::int64_t> last_progress_{0};
 };
 
 void limiter_submit(const std::shared_ptr<limiter_core>& core, std::uint64_t user, std::unique_ptr<job_base> job)
@@ -272,7 +322,7 @@ void limiter_submit(const std::shared_ptr<limiter_core>& core, std::uint64_t use
     core->submit(user, std::move(job));
 }
 
-void limiter_finished(const std::shared_ptr<limiter_core>& core) { core->finished(); }
+void limiter_finished(const std::shared_ptr<limiter_core>& core, bool threw) { core->finished(threw); }
 
 const asio::any_io_executor& limiter_executor(const limiter_core& core) noexcept { return core.executor_; }
 
@@ -311,6 +361,8 @@ std::shared_ptr<limiter> limiter::for_user(std::uint64_t user) const
 limiter::executor_type limiter::get_executor() const noexcept { return core_->executor_; }
 
 std::size_t limiter::queued() const noexcept { return core_->queued(); }
+
+limiter_stats limiter::stats() const noexcept { return core_->stats(); }
 
 std::size_t limiter::running() const noexcept { return core_->running(); }
 

@@ -82,6 +82,47 @@ public:
     bool shutting_down = false;
     std::chrono::nanoseconds sweep_every = std::chrono::nanoseconds::max();
     std::unique_ptr<asio::steady_timer> sweeper;
+    std::chrono::nanoseconds stall_after{0};
+    std::unique_ptr<asio::steady_timer> stall_timer;
+    std::map<const limiter*, bool> stalled; // warned already, until progress resumes
+
+    void arm_stall_check()
+    {
+        stall_timer->expires_after(std::max<std::chrono::nanoseconds>(stall_after / 2, std::chrono::milliseconds(1)));
+        stall_timer->async_wait([weak = weak_from_this()](boost::system::error_code ec) {
+            if (ec) return;
+            if (auto self = weak.lock()) self->check_stalls();
+        });
+    }
+
+    void check_stalls()
+    {
+        std::lock_guard lock{mutex};
+        if (shutting_down || stall_after.count() == 0) return;
+        const auto now = std::chrono::steady_clock::now();
+        std::map<const limiter*, bool> still;
+        auto check = [&](const std::string& profile_name, const std::string& user, const limiter& l) {
+            const limiter_stats st = l.stats();
+            // A limiter that never made progress counts from when the check began.
+            const auto since = std::max(st.last_progress, stall_checks_since);
+            if (st.queued == 0 || now - since < stall_after) return;
+            const bool warned = stalled.count(&l) != 0;
+            still[&l] = true;
+            if (warned) return;
+            logger()->warn("valve: profile \"{}\"{}{}: {} tasks queued, {} running, and none started or finished "
+                           "for {} ms",
+                           profile_name, user.empty() ? "" : ", user ", user, st.queued, st.running,
+                           std::chrono::duration_cast<std::chrono::milliseconds>(now - since).count());
+        };
+        for (auto& [name, p] : profiles) {
+            if (p->shared_limiter) check(name, "", *p->shared_limiter);
+            for (auto& [user, u] : p->users) check(name, user, *u.lim);
+        }
+        stalled = std::move(still);
+        arm_stall_check();
+    }
+
+    std::chrono::steady_clock::time_point stall_checks_since{};
 
     std::shared_ptr<limiter> make_limiter(profile& p, std::shared_ptr<resource> limits)
     {
@@ -171,6 +212,7 @@ manager::~manager()
         for (auto& [name, p] : state_->profiles)
             if (p->pool) pools.push_back(p->pool);
         state_->sweeper.reset();
+        state_->stall_timer.reset();
     }
     // No grace: queued tasks are aborted at once; running ones finish on their threads.
     for (auto& l : limiters) l->async_shutdown(std::chrono::nanoseconds(0), [](boost::system::error_code) {});
@@ -261,6 +303,45 @@ std::shared_ptr<limiter> manager::get_limiter(std::string_view profile_name, std
     return u.lim;
 }
 
+limiter_stats manager::stats() const
+{
+    std::vector<std::shared_ptr<limiter>> limiters;
+    {
+        std::lock_guard lock{state_->mutex};
+        limiters = state_->all_limiters();
+    }
+    limiter_stats sum;
+    for (const auto& l : limiters) {
+        const limiter_stats st = l->stats();
+        sum.submitted += st.submitted;
+        sum.rejected += st.rejected;
+        sum.completed += st.completed;
+        sum.failed += st.failed;
+        sum.cancelled += st.cancelled;
+        sum.queued += st.queued;
+        sum.running += st.running;
+        sum.queue_time_total += st.queue_time_total;
+        sum.queue_time_max = std::max(sum.queue_time_max, st.queue_time_max);
+        sum.token_wait_total += st.token_wait_total;
+        sum.token_wait_max = std::max(sum.token_wait_max, st.token_wait_max);
+        sum.last_progress = std::max(sum.last_progress, st.last_progress);
+    }
+    return sum;
+}
+
+void manager::warn_on_stall(std::chrono::nanoseconds after)
+{
+    std::lock_guard lock{state_->mutex};
+    state_->stall_after = after;
+    if (after.count() <= 0) {
+        if (state_->stall_timer) state_->stall_timer->cancel();
+        return;
+    }
+    state_->stall_checks_since = std::chrono::steady_clock::now();
+    if (!state_->stall_timer) state_->stall_timer = std::make_unique<asio::steady_timer>(state_->executor);
+    state_->arm_stall_check();
+}
+
 std::size_t manager::limiter_count(std::string_view profile_name) const
 {
     std::lock_guard lock{state_->mutex};
@@ -277,6 +358,7 @@ void manager::start_shutdown(detail::acquire_handler handler, std::chrono::nanos
         state_->shutting_down = true;
         limiters = state_->all_limiters();
         if (state_->sweeper) state_->sweeper->cancel();
+        if (state_->stall_timer) state_->stall_timer->cancel();
     }
     struct join_state {
         // Move-constructed, never move-assigned: Boost 1.81's any_completion_handler would wrap

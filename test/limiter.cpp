@@ -412,3 +412,36 @@ TEST(limiter, every_task_runs_exactly_once_or_its_submitter_hears_why)
     EXPECT_GT(shutting.load(), 0);
     EXPECT_GT(aborted.load(), 0);
 }
+
+TEST(limiter, stats_count_what_happened)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::per_second(100), 2);
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), limits,
+                                         limiter_options{.concurrency = 1, .queue_capacity = 3}, pool.get_executor());
+    asio::cancellation_signal sig;
+    lim->async_submit([] { return 1; }, [](std::exception_ptr, int) {});
+    lim->async_submit([]() -> int { throw std::runtime_error("no"); }, [](std::exception_ptr, int) {});
+    lim->async_submit([] { return 3; }, [](std::exception_ptr, int) {}); // waits ~10 ms for its token
+    lim->async_submit([] { return 4; }, asio::bind_cancellation_slot(sig.slot(), [](std::exception_ptr, int) {}));
+    lim->async_submit([] { return 5; }, [](std::exception_ptr, int) {}); // refused: queue full
+    ioc.poll();
+    sig.emit(asio::cancellation_type::terminal);
+    const auto before = std::chrono::steady_clock::now();
+    ioc.run();
+    pool.join();
+    const valve::limiter_stats st = lim->stats();
+    EXPECT_EQ(st.submitted, 5u);
+    EXPECT_EQ(st.completed, 2u);
+    EXPECT_EQ(st.failed, 1u);
+    EXPECT_EQ(st.cancelled, 1u);
+    EXPECT_EQ(st.rejected, 1u);
+    EXPECT_EQ(st.queued, 0u);
+    EXPECT_EQ(st.running, 0u);
+    EXPECT_GT(st.token_wait_total.count(), 0);       // the third task waited for a token
+    EXPECT_GE(st.token_wait_total, st.token_wait_max);
+    EXPECT_GE(st.queue_time_total, st.queue_time_max);
+    EXPECT_GE(st.queue_time_max, st.token_wait_max); // waiting for a token is part of queueing
+    EXPECT_GE(st.last_progress, before);
+}

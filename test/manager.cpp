@@ -1,11 +1,15 @@
 #include <valve/manager.hpp>
 
 #include <valve/error.hpp>
+#include <valve/log.hpp>
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/use_awaitable.hpp>
+
+#include <spdlog/logger.h>
+#include <spdlog/sinks/ostream_sink.h>
 
 #include <gtest/gtest.h>
 
@@ -15,6 +19,7 @@
 #include <cmath>
 #include <mutex>
 #include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -270,4 +275,34 @@ TEST(manager, a_manager_with_its_own_thread_shuts_down_cleanly)
         EXPECT_EQ(thrown_by([&] { mgr.get_limiter("p", "u"); }), valve::errc::shutting_down);
     }
     EXPECT_EQ(ran.load(), 20);
+}
+
+TEST(manager, stats_add_up_and_a_stall_is_logged)
+{
+    auto lines = std::make_shared<std::ostringstream>();
+    auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(*lines);
+    auto log = std::make_shared<spdlog::logger>("valve-test", sink);
+    valve::set_logger(log);
+
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    mgr.register_profile("stuck", valve::shared_resource("k", rate::zero(), 1), valve::worker_pool(1, 10));
+    mgr.register_profile("pro", valve::dedicated_resource(rate::unlimited()), valve::worker_pool(1, 10));
+    auto stuck = mgr.get_limiter("stuck", "u");
+    for (int i = 0; i < 3; ++i) stuck->async_submit([] {}, [](std::exception_ptr) {});
+    mgr.get_limiter("pro", "a")->async_submit([] {}, [](std::exception_ptr) {});
+    mgr.get_limiter("pro", "b")->async_submit([] {}, [](std::exception_ptr) {});
+    mgr.warn_on_stall(20ms);
+    const auto give_up = std::chrono::steady_clock::now() + 10s;
+    while (lines->str().find("stuck") == std::string::npos && std::chrono::steady_clock::now() < give_up)
+        ioc.run_for(5ms);
+    const valve::limiter_stats st = mgr.stats();
+    EXPECT_EQ(st.submitted, 5u);
+    EXPECT_EQ(st.completed, 3u); // the burst's one token, and the two pro users' tasks
+    EXPECT_EQ(st.queued, 2u);
+    EXPECT_NE(lines->str().find("2 tasks queued"), std::string::npos) << lines->str();
+    EXPECT_EQ(lines->str().find("\"pro\""), std::string::npos) << lines->str(); // no false alarm
+    valve::set_logger(nullptr);
+    mgr.async_shutdown(0ms, [](error_code) {});
+    ioc.run();
 }

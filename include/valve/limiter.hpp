@@ -45,6 +45,32 @@ struct limiter_options {
     queue_full_policy on_queue_full = queue_full_policy::reject;
 };
 
+/// What a limiter (or a whole manager) has done so far. A snapshot; counters only grow.
+struct limiter_stats {
+    /// Tasks submitted (every submission, accepted or not).
+    std::uint64_t submitted = 0;
+    /// Refused at once: queue full or shutting down.
+    std::uint64_t rejected = 0;
+    /// Ran and returned normally.
+    std::uint64_t completed = 0;
+    /// Ran and threw.
+    std::uint64_t failed = 0;
+    /// Removed before running: cancelled, or aborted by shutdown.
+    std::uint64_t cancelled = 0;
+    /// Waiting now (in the queue or for room).
+    std::size_t queued = 0;
+    /// Running now.
+    std::size_t running = 0;
+    /// Time tasks spent between admission and start: in all, and the longest.
+    std::chrono::nanoseconds queue_time_total{0};
+    std::chrono::nanoseconds queue_time_max{0};
+    /// Time the next task spent waiting for its token: in all, and the longest.
+    std::chrono::nanoseconds token_wait_total{0};
+    std::chrono::nanoseconds token_wait_max{0};
+    /// When a task last started or finished (the epoch if none has).
+    std::chrono::steady_clock::time_point last_progress{};
+};
+
 namespace detail {
 
 class limiter_core;
@@ -53,17 +79,20 @@ class limiter_core;
 class job_base {
 public:
     virtual ~job_base() = default;
-    /// Starts the task; the job must call `limiter_finished(core)` once it has completed its
-    /// submitter.
+    /// Starts the task; the job must call `limiter_finished(core, threw)` once it has completed
+    /// its submitter.
     virtual void run(std::unique_ptr<job_base> self, std::shared_ptr<limiter_core> core) = 0;
     /// The task will never run: completes its submitter with `ec`.
     virtual void abort(boost::system::error_code ec) = 0;
     /// The submitter's cancellation slot (empty if none).
     virtual boost::asio::cancellation_slot cancellation_slot() noexcept = 0;
+
+    /// When the limiter admitted it.
+    std::chrono::steady_clock::time_point admitted{};
 };
 
 void limiter_submit(const std::shared_ptr<limiter_core>& core, std::uint64_t user, std::unique_ptr<job_base> job);
-void limiter_finished(const std::shared_ptr<limiter_core>& core);
+void limiter_finished(const std::shared_ptr<limiter_core>& core, bool threw);
 const boost::asio::any_io_executor& limiter_executor(const limiter_core& core) noexcept;
 const boost::asio::any_io_executor& limiter_task_executor(const limiter_core& core) noexcept;
 std::exception_ptr make_exception(boost::system::error_code ec);
@@ -120,14 +149,16 @@ public:
             auto ex = asio::get_associated_executor(me->handler_, me->fallback_);
             asio::co_spawn(ex, std::invoke(me->f_),
                            [owned = std::move(owned), core = std::move(core)](std::exception_ptr e, auto... r) mutable {
+                               const bool threw = static_cast<bool>(e);
                                owned->complete(std::move(e), std::move(r)...);
-                               limiter_finished(core);
+                               limiter_finished(core, threw);
                            });
         } else {
             // Blocking work runs on the task executor (the profile's pool): one hop there, and
             // one back to the submitter's executor.
             const asio::any_io_executor task_ex = limiter_task_executor(*core);
             asio::post(task_ex, [owned = std::move(owned), core = std::move(core)]() mutable {
+                bool threw = false;
                 if constexpr (std::is_void_v<result>) {
                     std::exception_ptr e;
                     try {
@@ -135,6 +166,7 @@ public:
                     } catch (...) {
                         e = std::current_exception();
                     }
+                    threw = static_cast<bool>(e);
                     owned->deliver(std::move(e));
                 } else {
                     std::exception_ptr e;
@@ -144,9 +176,10 @@ public:
                     } catch (...) {
                         e = std::current_exception();
                     }
+                    threw = static_cast<bool>(e);
                     owned->deliver(std::move(e), std::move(r));
                 }
-                limiter_finished(core);
+                limiter_finished(core, threw);
             });
         }
     }
@@ -268,6 +301,9 @@ public:
     /// submitted through `*this` count as user 0's. Only the original limiter's destruction
     /// closes the queue.
     std::shared_ptr<limiter> for_user(std::uint64_t user) const;
+
+    /// Counters and timings so far (shared by every user's handle on this limiter).
+    limiter_stats stats() const noexcept;
 
     /// Tasks waiting in the queue (and for room) now.
     std::size_t queued() const noexcept;

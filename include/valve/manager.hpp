@@ -164,6 +164,14 @@ public:
     /// dedicated one).
     std::size_t limiter_count(std::string_view profile) const;
 
+    /// The statistics of every limiter the manager holds, added up (maxima are maxima).
+    limiter_stats stats() const;
+
+    /// Logs a warning (through `valve::logger()`) when a limiter has tasks queued but none has
+    /// started or finished for `after`: a stalled upstream, a zero rate, a pool blocked by
+    /// hung tasks. Checked every `after / 2`; one warning per stall. Zero turns it off.
+    void warn_on_stall(std::chrono::nanoseconds after);
+
     /// Shuts every limiter down (see `limiter::async_shutdown`) and completes when all are
     /// done. Completion signature: `void(boost::system::error_code)`.
     template <class Rep, class Period, class CompletionToken>
