@@ -50,11 +50,12 @@ public:
         });
     }
 
-    void finished(bool threw)
+    void finished(std::uint64_t id, bool threw)
     {
         (threw ? failed_ : completed_).fetch_add(1, std::memory_order_relaxed);
         progress();
-        asio::post(strand_, [self = shared_from_this()] {
+        asio::post(strand_, [self = shared_from_this(), id] {
+            self->stoppable_.erase(id);
             --self->running_;
             self->running_count_.fetch_sub(1, std::memory_order_relaxed);
             self->pump();
@@ -133,6 +134,7 @@ private:
     {
         if (closing_ || shutting_down_) return drop(std::move(job), errc::shutting_down);
         job->admitted = std::chrono::steady_clock::now();
+        job->id = id;
         if (admitted() < options_.queue_capacity) {
             queue_.push(id, user, std::move(job));
             pump();
@@ -176,6 +178,8 @@ private:
             job_ptr job = std::move(it->second.job);
             overflow_.erase(it);
             drop(std::move(job), asio::error::operation_aborted);
+        } else if (const auto r = stoppable_.find(id); r != stoppable_.end()) {
+            r->second.request_stop(); // running: ask it to stop
         }
     }
 
@@ -244,6 +248,7 @@ private:
         ++running_;
         running_count_.fetch_add(1, std::memory_order_relaxed);
         queued_.fetch_sub(1, std::memory_order_relaxed);
+        if (auto stop = job->stop_source()) stoppable_.emplace(job->id, std::move(*stop));
         job_base* raw = job.get();
         raw->run(std::move(job), shared_from_this());
     }
@@ -272,6 +277,7 @@ private:
             grace_timer_->async_wait([self = shared_from_this()](boost::system::error_code ec) {
                 if (ec) return;
                 self->abort_all(asio::error::operation_aborted);
+                for (auto& [id, stop] : self->stoppable_) stop.request_stop();
                 self->maybe_finish_shutdown();
             });
         }
@@ -307,6 +313,7 @@ private:
     std::vector<acquire_handler> shutdown_waiters_;
 
     std::chrono::steady_clock::time_point waiting_since_{};
+    std::map<std::uint64_t, std::stop_source> stoppable_; // running tasks that take a stop_token
 
     std::atomic<std::uint64_t> next_id_{0};
     std::atomic<std::size_t> queued_{0};
@@ -322,7 +329,10 @@ void limiter_submit(const std::shared_ptr<limiter_core>& core, std::uint64_t use
     core->submit(user, std::move(job));
 }
 
-void limiter_finished(const std::shared_ptr<limiter_core>& core, bool threw) { core->finished(threw); }
+void limiter_finished(const std::shared_ptr<limiter_core>& core, std::uint64_t id, bool threw)
+{
+    core->finished(id, threw);
+}
 
 const asio::any_io_executor& limiter_executor(const limiter_core& core) noexcept { return core.executor_; }
 

@@ -69,11 +69,11 @@ TEST(accuracy, fifty_coroutines_at_1000_per_second_for_two_seconds)
     const std::size_t window_bound = burst + static_cast<std::size_t>(per_second * 0.1) + 1;
     // On a shared machine a run starved of CPU loses grants that a bucket of burst 1 cannot
     // keep for later (it never releases more than one late token at once, or the window bound
-    // would break). So the run is measured up to twice, and one run must meet both bounds; a
-    // wrong implementation fails both.
+    // would break). So the run is measured up to three times, and one run must meet both
+    // bounds; a wrong implementation fails them all.
     std::ostringstream runs;
     bool met = false;
-    for (int attempt = 0; attempt < 2 && !met; ++attempt) {
+    for (int attempt = 0; attempt < 3 && !met; ++attempt) {
         const measurement m = measure();
         runs << "run " << attempt + 1 << ": " << m.granted << " grants (expected " << expected << " +/- 2%), "
              << m.worst_window << " in the busiest 100 ms (at most " << window_bound << ")\n";

@@ -445,3 +445,53 @@ TEST(limiter, stats_count_what_happened)
     EXPECT_GE(st.queue_time_max, st.token_wait_max); // waiting for a token is part of queueing
     EXPECT_GE(st.last_progress, before);
 }
+
+TEST(limiter, a_running_task_with_a_stop_token_is_asked_to_stop_when_its_submitter_cancels)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{}, pool.get_executor());
+    std::atomic<bool> started{false};
+    asio::cancellation_signal sig;
+    std::string result;
+    lim->async_submit(
+        [&](std::stop_token st) {
+            started = true;
+            while (!st.stop_requested()) std::this_thread::yield();
+            return std::string("stopped");
+        },
+        asio::bind_cancellation_slot(sig.slot(), [&](std::exception_ptr e, std::string r) {
+            if (!e) result = r;
+        }));
+    const auto give_up = std::chrono::steady_clock::now() + 30s;
+    while (!started && std::chrono::steady_clock::now() < give_up) ioc.poll();
+    ASSERT_TRUE(started);
+    sig.emit(asio::cancellation_type::terminal);
+    ioc.run();
+    EXPECT_EQ(result, "stopped");
+    pool.join();
+}
+
+TEST(limiter, shutdown_asks_running_tasks_to_stop_when_the_grace_runs_out)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{}, pool.get_executor());
+    std::atomic<bool> started{false};
+    bool stopped = false;
+    lim->async_submit(
+        [&](std::stop_token st) {
+            started = true;
+            while (!st.stop_requested()) std::this_thread::yield();
+            return true;
+        },
+        [&](std::exception_ptr e, bool s) { stopped = !e && s; });
+    const auto give_up = std::chrono::steady_clock::now() + 30s;
+    while (!started && std::chrono::steady_clock::now() < give_up) ioc.poll();
+    error_code shut = valve::errc::timed_out;
+    lim->async_shutdown(20ms, [&](error_code ec) { shut = ec; });
+    ioc.run();
+    EXPECT_TRUE(stopped);
+    EXPECT_FALSE(shut);
+    pool.join();
+}

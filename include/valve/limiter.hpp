@@ -23,6 +23,9 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <optional>
+#include <stop_token>
+#include <variant>
 #include <type_traits>
 #include <utility>
 
@@ -87,12 +90,16 @@ public:
     /// The submitter's cancellation slot (empty if none).
     virtual boost::asio::cancellation_slot cancellation_slot() noexcept = 0;
 
-    /// When the limiter admitted it.
+    /// A stop source the task watches (it takes a `std::stop_token`), if any.
+    virtual std::optional<std::stop_source> stop_source() { return std::nullopt; }
+
+    /// When the limiter admitted it, and its id there.
     std::chrono::steady_clock::time_point admitted{};
+    std::uint64_t id = 0;
 };
 
 void limiter_submit(const std::shared_ptr<limiter_core>& core, std::uint64_t user, std::unique_ptr<job_base> job);
-void limiter_finished(const std::shared_ptr<limiter_core>& core, bool threw);
+void limiter_finished(const std::shared_ptr<limiter_core>& core, std::uint64_t id, bool threw);
 const boost::asio::any_io_executor& limiter_executor(const limiter_core& core) noexcept;
 const boost::asio::any_io_executor& limiter_task_executor(const limiter_core& core) noexcept;
 std::exception_ptr make_exception(boost::system::error_code ec);
@@ -116,10 +123,21 @@ struct completion_of<void> {
     using type = void(std::exception_ptr);
 };
 
-/// What a task returns and how its submitter is completed.
+template <class F, bool Stoppable = std::is_invocable_v<F&, std::stop_token>>
+struct task_return {
+    using type = std::invoke_result_t<F&>;
+};
+template <class F>
+struct task_return<F, true> {
+    using type = std::invoke_result_t<F&, std::stop_token>;
+};
+
+/// What a task returns and how its submitter is completed. A task that takes a
+/// `std::stop_token` is asked to stop when its submitter cancels or shutdown's grace runs out.
 template <class F>
 struct task_traits {
-    using returned = std::invoke_result_t<F&>;
+    static constexpr bool stoppable = std::is_invocable_v<F&, std::stop_token>;
+    using returned = typename task_return<F>::type;
     static constexpr bool is_async = awaitable_value<returned>::is_awaitable;
     using result = typename std::conditional_t<is_async, awaitable_value<returned>,
                                                std::type_identity<returned>>::type;
@@ -147,11 +165,12 @@ public:
         if constexpr (traits::is_async) {
             // Async work does not block: it runs on the submitter's executor, no thread hop.
             auto ex = asio::get_associated_executor(me->handler_, me->fallback_);
-            asio::co_spawn(ex, std::invoke(me->f_),
+            asio::co_spawn(ex, me->invoke(),
                            [owned = std::move(owned), core = std::move(core)](std::exception_ptr e, auto... r) mutable {
                                const bool threw = static_cast<bool>(e);
+                               const std::uint64_t job_id = owned->id;
                                owned->complete(std::move(e), std::move(r)...);
-                               limiter_finished(core, threw);
+                               limiter_finished(core, job_id, threw);
                            });
         } else {
             // Blocking work runs on the task executor (the profile's pool): one hop there, and
@@ -162,7 +181,7 @@ public:
                 if constexpr (std::is_void_v<result>) {
                     std::exception_ptr e;
                     try {
-                        std::invoke(owned->f_);
+                        owned->invoke();
                     } catch (...) {
                         e = std::current_exception();
                     }
@@ -172,14 +191,14 @@ public:
                     std::exception_ptr e;
                     result r{};
                     try {
-                        r = std::invoke(owned->f_);
+                        r = owned->invoke();
                     } catch (...) {
                         e = std::current_exception();
                     }
                     threw = static_cast<bool>(e);
                     owned->deliver(std::move(e), std::move(r));
                 }
-                limiter_finished(core, threw);
+                limiter_finished(core, owned->id, threw);
             });
         }
     }
@@ -197,7 +216,23 @@ public:
         return boost::asio::get_associated_cancellation_slot(handler_);
     }
 
+    std::optional<std::stop_source> stop_source() override
+    {
+        if constexpr (traits::stoppable)
+            return stop_;
+        else
+            return std::nullopt;
+    }
+
 private:
+    decltype(auto) invoke()
+    {
+        if constexpr (traits::stoppable)
+            return std::invoke(f_, stop_.get_token());
+        else
+            return std::invoke(f_);
+    }
+
     // From a foreign thread: posted to the handler's executor.
     template <class... Args>
     void deliver(Args&&... args)
@@ -218,6 +253,7 @@ private:
 
     F f_;
     Handler handler_;
+    [[no_unique_address]] std::conditional_t<traits::stoppable, std::stop_source, std::monostate> stop_;
     boost::asio::any_io_executor fallback_;
     // The submitter's executor has work until the job is done: its io_context keeps running
     // while a blocking task is away on the pool.
@@ -269,7 +305,8 @@ public:
     ///
     /// Per-operation cancellation: while the task waits in the queue (or for room), terminal,
     /// partial and total cancellation remove it: it never runs and takes no token. Once it runs,
-    /// cancellation does not interrupt it.
+    /// a task that takes a `std::stop_token` is asked to stop (cooperative preemption); other
+    /// tasks run to the end.
     template <class Task, class CompletionToken>
     auto async_submit(Task&& task, CompletionToken&& token)
     {
@@ -286,8 +323,9 @@ public:
     }
 
     /// Stops taking tasks (`errc::shutting_down`), lets queued and running tasks finish for
-    /// up to `grace`, then aborts those still queued (`operation_aborted`) and completes once
-    /// no task is running. Completion signature: `void(boost::system::error_code)`.
+    /// up to `grace`, then aborts those still queued (`operation_aborted`), asks running tasks
+    /// that take a `std::stop_token` to stop, and completes once no task is running.
+    /// Completion signature: `void(boost::system::error_code)`.
     template <class Rep, class Period, class CompletionToken>
     auto async_shutdown(std::chrono::duration<Rep, Period> grace, CompletionToken&& token)
     {
