@@ -12,6 +12,8 @@
 
 #include <gtest/gtest.h>
 
+#include "support.hpp"
+
 #include <chrono>
 #include <optional>
 #include <vector>
@@ -25,17 +27,7 @@ using valve::token_bucket;
 
 namespace {
 
-struct result_probe {
-    int calls = 0;
-    error_code ec;
-    auto handler()
-    {
-        return [this](error_code e) {
-            ++calls;
-            ec = e;
-        };
-    }
-};
+using result_probe = valve::test::completion_probe;
 
 } // namespace
 

@@ -16,6 +16,8 @@
 
 #include <gtest/gtest.h>
 
+#include "support.hpp"
+
 #include <atomic>
 #include <chrono>
 #include <future>
@@ -39,16 +41,7 @@ std::shared_ptr<valve::bucket_resource> unlimited(asio::io_context& ioc)
     return std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::unlimited());
 }
 
-error_code code_of(const std::exception_ptr& e)
-{
-    try {
-        if (e) std::rethrow_exception(e);
-    } catch (const boost::system::system_error& se) {
-        return se.code();
-    } catch (...) {
-    }
-    return {};
-}
+using valve::test::code_of;
 
 // A gate that blocking tasks wait on, so a test decides when they finish (no sleeping).
 struct gate {

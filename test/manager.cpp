@@ -13,6 +13,8 @@
 
 #include <gtest/gtest.h>
 
+#include "support.hpp"
+
 #include <atomic>
 #include <chrono>
 #include <algorithm>
@@ -31,16 +33,7 @@ using valve::rate;
 
 namespace {
 
-error_code code_of(const std::exception_ptr& e)
-{
-    try {
-        if (e) std::rethrow_exception(e);
-    } catch (const boost::system::system_error& se) {
-        return se.code();
-    } catch (...) {
-    }
-    return {};
-}
+using valve::test::code_of;
 
 template <class F>
 error_code thrown_by(F&& f)

@@ -18,6 +18,8 @@
 
 #include <gtest/gtest.h>
 
+#include "support.hpp"
+
 #include <atomic>
 #include <chrono>
 #include <memory>
@@ -33,18 +35,7 @@ using valve::token_bucket;
 
 namespace {
 
-// Records the one completion an operation must deliver.
-struct result {
-    int calls = 0;
-    error_code ec;
-    auto handler()
-    {
-        return [this](error_code e) {
-            ++calls;
-            ec = e;
-        };
-    }
-};
+using result = valve::test::completion_probe;
 
 // A bucket whose tokens never come back: waits stay pending until something else happens.
 token_bucket drained_frozen(asio::io_context& ioc, std::size_t burst = 1)
