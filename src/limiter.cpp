@@ -8,10 +8,10 @@
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/steady_timer.hpp>
-#include <boost/asio/strand.hpp>
 
 #include <atomic>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -26,13 +26,16 @@ std::exception_ptr make_exception(boost::system::error_code ec)
     return std::make_exception_ptr(boost::system::system_error(ec));
 }
 
-/// The limiter's state. Everything but the counters lives on `strand_`.
+/// The limiter's state, guarded by `mutex_`: every decision is a few steps of plain code, and
+/// nothing under the lock waits or runs a handler inline (completions are posted), so a
+/// submitter, a finishing worker or a cancellation decides on its own thread and starts the next
+/// task from there, with no hop to a strand. Counters for `stats()` are atomics.
 class limiter_core : public std::enable_shared_from_this<limiter_core> {
 public:
     limiter_core(const asio::any_io_executor& ex, std::shared_ptr<resource> limits, limiter_options options,
                  const asio::any_io_executor& task_ex, std::shared_ptr<void> keep_alive)
-        : executor_(ex), task_executor_(task_ex), keep_alive_(std::move(keep_alive)), strand_(asio::make_strand(ex)),
-          limits_(std::move(limits)), options_(options)
+        : executor_(ex), task_executor_(task_ex), keep_alive_(std::move(keep_alive)), limits_(std::move(limits)),
+          options_(options)
     {
     }
 
@@ -41,40 +44,36 @@ public:
         submitted_.fetch_add(1, std::memory_order_relaxed);
         queued_.fetch_add(1, std::memory_order_relaxed);
         const std::uint64_t id = next_id_.fetch_add(1, std::memory_order_relaxed);
-        // Installed before the job is posted, so a cancellation emitted after this call returns
-        // always reaches the strand after the job does.
+        // Installed before the job is admitted; a cancellation emitted after this call returns
+        // finds the job (or its outcome) under the lock.
         auto slot = job->cancellation_slot();
         if (slot.is_connected()) slot.template emplace<cancel_handler>(weak_from_this(), id);
-        asio::post(strand_, [self = shared_from_this(), id, user, job = std::move(job)]() mutable {
-            self->admit(id, user, std::move(job));
-        });
+        std::lock_guard lock{mutex_};
+        admit(id, user, std::move(job));
     }
 
     void finished(std::uint64_t id, bool threw)
     {
         (threw ? failed_ : completed_).fetch_add(1, std::memory_order_relaxed);
         progress();
-        asio::post(strand_, [self = shared_from_this(), id] {
-            self->stoppable_.erase(id);
-            --self->running_;
-            self->running_count_.fetch_sub(1, std::memory_order_relaxed);
-            self->pump();
-        });
+        std::lock_guard lock{mutex_};
+        stoppable_.erase(id);
+        --running_;
+        running_count_.fetch_sub(1, std::memory_order_relaxed);
+        pump();
     }
 
     void shutdown(acquire_handler handler, std::chrono::nanoseconds grace)
     {
-        asio::post(strand_, [self = shared_from_this(), handler = std::move(handler), grace]() mutable {
-            self->begin_shutdown(std::move(handler), grace);
-        });
+        std::lock_guard lock{mutex_};
+        begin_shutdown(std::move(handler), grace);
     }
 
     void close()
     {
-        asio::post(strand_, [self = shared_from_this()] {
-            self->closing_ = true;
-            self->abort_all(asio::error::operation_aborted);
-        });
+        std::lock_guard lock{mutex_};
+        closing_ = true;
+        abort_all(asio::error::operation_aborted);
     }
 
     limiter_stats stats() const noexcept
@@ -123,7 +122,11 @@ private:
             constexpr auto honoured = asio::cancellation_type::terminal | asio::cancellation_type::partial
                                       | asio::cancellation_type::total;
             if ((type & honoured) == asio::cancellation_type::none) return;
-            if (auto c = core.lock()) asio::post(c->strand_, [c, id = id] { c->cancel(id); });
+            // Runs on the emitting thread; the lock serialises it with everything else.
+            if (auto c = core.lock()) {
+                std::lock_guard lock{c->mutex_};
+                c->cancel(id);
+            }
         }
     };
 
@@ -155,7 +158,7 @@ private:
     static void add_time(std::atomic<std::int64_t>& total, std::atomic<std::int64_t>& max, std::int64_t ns)
     {
         total.fetch_add(ns, std::memory_order_relaxed);
-        // Only the strand writes `max`.
+        // `max` is written under the lock only.
         if (ns > max.load(std::memory_order_relaxed)) max.store(ns, std::memory_order_relaxed);
     }
 
@@ -207,7 +210,8 @@ private:
             limits_->async_acquire(
                 1, asio::bind_cancellation_slot(
                        acquire_cancel_.slot(),
-                       asio::bind_executor(strand_, [self = shared_from_this()](boost::system::error_code ec) {
+                       asio::bind_executor(executor_, [self = shared_from_this()](boost::system::error_code ec) {
+                           std::lock_guard lock{self->mutex_};
                            self->on_token(ec);
                        })));
             return;
@@ -272,10 +276,11 @@ private:
         for (auto& [id, p] : overflow_) drop(std::move(p.job), errc::shutting_down);
         overflow_.clear();
         if (!grace_timer_) {
-            grace_timer_.emplace(strand_);
+            grace_timer_.emplace(executor_);
             grace_timer_->expires_after(grace);
             grace_timer_->async_wait([self = shared_from_this()](boost::system::error_code ec) {
                 if (ec) return;
+                std::lock_guard lock{self->mutex_};
                 self->abort_all(asio::error::operation_aborted);
                 for (auto& [id, stop] : self->stoppable_) stop.request_stop();
                 self->maybe_finish_shutdown();
@@ -297,7 +302,7 @@ private:
         asio::post(executor_, asio::append(std::move(h), boost::system::error_code{}));
     }
 
-    asio::strand<asio::any_io_executor> strand_;
+    std::mutex mutex_;
     std::shared_ptr<resource> limits_;
     limiter_options options_;
 
