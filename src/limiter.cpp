@@ -136,8 +136,12 @@ private:
     void admit(std::uint64_t id, std::uint64_t user, job_ptr job)
     {
         if (closing_ || shutting_down_) return drop(std::move(job), errc::shutting_down);
-        job->admitted = std::chrono::steady_clock::now();
         job->id = id;
+        // Nobody waiting, a free slot and a token at hand: start at once, without queueing.
+        if (queue_.empty() && !waiting_ && running_ < options_.concurrency && limits_->try_acquire(1))
+            return start(std::move(job));
+        job->admitted = std::chrono::steady_clock::now();
+        job->keep_busy();
         if (admitted() < options_.queue_capacity) {
             queue_.push(id, user, std::move(job));
             pump();
@@ -246,9 +250,10 @@ private:
     {
         refill();
         const auto now = std::chrono::steady_clock::now();
-        add_time(queue_ns_total_, queue_ns_max_,
-                 std::chrono::duration_cast<std::chrono::nanoseconds>(now - job->admitted).count());
-        progress();
+        if (job->admitted != std::chrono::steady_clock::time_point{}) // it queued
+            add_time(queue_ns_total_, queue_ns_max_,
+                     std::chrono::duration_cast<std::chrono::nanoseconds>(now - job->admitted).count());
+        last_progress_.store(now.time_since_epoch().count(), std::memory_order_relaxed);
         ++running_;
         running_count_.fetch_add(1, std::memory_order_relaxed);
         queued_.fetch_sub(1, std::memory_order_relaxed);

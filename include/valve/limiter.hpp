@@ -90,6 +90,9 @@ public:
     /// The submitter's cancellation slot (empty if none).
     virtual boost::asio::cancellation_slot cancellation_slot() noexcept = 0;
 
+    /// Keeps the submitter's executor from running out of work until the job is destroyed.
+    virtual void keep_busy() = 0;
+
     /// A stop source the task watches (it takes a `std::stop_token`), if any.
     virtual std::optional<std::stop_source> stop_source() { return std::nullopt; }
 
@@ -151,10 +154,15 @@ class job final : public job_base {
 
 public:
     job(F f, Handler h, const boost::asio::any_io_executor& fallback)
-        : f_(std::move(f)), handler_(std::move(h)), fallback_(fallback),
-          work_(boost::asio::prefer(boost::asio::get_associated_executor(handler_, fallback_),
-                                    boost::asio::execution::outstanding_work.tracked))
+        : f_(std::move(f)), handler_(std::move(h)), fallback_(fallback)
     {
+    }
+
+    void keep_busy() override
+    {
+        if (!work_)
+            work_.emplace(boost::asio::prefer(boost::asio::get_associated_executor(handler_, fallback_),
+                                              boost::asio::execution::outstanding_work.tracked));
     }
 
     void run(std::unique_ptr<job_base> self, std::shared_ptr<limiter_core> core) override
@@ -167,14 +175,15 @@ public:
             auto ex = asio::get_associated_executor(me->handler_, me->fallback_);
             asio::co_spawn(ex, me->invoke(),
                            [owned = std::move(owned), core = std::move(core)](std::exception_ptr e, auto... r) mutable {
-                               const bool threw = static_cast<bool>(e);
-                               const std::uint64_t job_id = owned->id;
+                               // The slot is free before the submitter resumes, so its next
+                               // submission can start at once.
+                               limiter_finished(core, owned->id, static_cast<bool>(e));
                                owned->complete(std::move(e), std::move(r)...);
-                               limiter_finished(core, job_id, threw);
                            });
         } else {
             // Blocking work runs on the task executor (the profile's pool): one hop there, and
             // one back to the submitter's executor.
+            me->keep_busy();
             const asio::any_io_executor task_ex = limiter_task_executor(*core);
             asio::post(task_ex, [owned = std::move(owned), core = std::move(core)]() mutable {
                 bool threw = false;
@@ -255,11 +264,12 @@ private:
     Handler handler_;
     [[no_unique_address]] std::conditional_t<traits::stoppable, std::stop_source, std::monostate> stop_;
     boost::asio::any_io_executor fallback_;
-    // The submitter's executor has work until the job is done: its io_context keeps running
-    // while a blocking task is away on the pool.
-    std::decay_t<decltype(boost::asio::prefer(
+    // The submitter's executor has work while the job waits or runs away from it: its
+    // io_context keeps running while a task is queued or away on the pool. (An async task
+    // running on it keeps it busy by itself.)
+    std::optional<std::decay_t<decltype(boost::asio::prefer(
         std::declval<boost::asio::associated_executor_t<Handler, boost::asio::any_io_executor>>(),
-        boost::asio::execution::outstanding_work.tracked))>
+        boost::asio::execution::outstanding_work.tracked))>>
         work_;
 };
 
