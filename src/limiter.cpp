@@ -52,6 +52,22 @@ public:
         admit(id, user, std::move(job));
     }
 
+    /// As `finished`, but a blocking job the freed slot lets start is handed back to run on
+    /// the calling worker (if `take_next`) instead of being posted.
+    std::unique_ptr<job_base> finished_next(std::uint64_t id, bool threw)
+    {
+        (threw ? failed_ : completed_).fetch_add(1, std::memory_order_relaxed);
+        std::lock_guard lock{mutex_};
+        stoppable_.erase(id);
+        --running_;
+        running_count_.fetch_sub(1, std::memory_order_relaxed);
+        std::unique_ptr<job_base> next;
+        hand_back_ = &next;
+        pump();
+        hand_back_ = nullptr;
+        return next;
+    }
+
     void finished(std::uint64_t id, bool threw)
     {
         (threw ? failed_ : completed_).fetch_add(1, std::memory_order_relaxed);
@@ -258,6 +274,10 @@ private:
         running_count_.fetch_add(1, std::memory_order_relaxed);
         queued_.fetch_sub(1, std::memory_order_relaxed);
         if (auto stop = job->stop_source()) stoppable_.emplace(job->id, std::move(*stop));
+        if (hand_back_ && !*hand_back_ && job->blocking()) {
+            *hand_back_ = std::move(job); // the finishing worker runs it next
+            return;
+        }
         job_base* raw = job.get();
         raw->run(std::move(job), shared_from_this());
     }
@@ -324,6 +344,7 @@ private:
 
     std::chrono::steady_clock::time_point waiting_since_{};
     std::map<std::uint64_t, std::stop_source> stoppable_; // running tasks that take a stop_token
+    job_ptr* hand_back_ = nullptr; // set while a finishing worker asks for its next job
 
     std::atomic<std::uint64_t> next_id_{0};
     std::atomic<std::size_t> queued_{0};
@@ -342,6 +363,25 @@ void limiter_submit(const std::shared_ptr<limiter_core>& core, std::uint64_t use
 void limiter_finished(const std::shared_ptr<limiter_core>& core, std::uint64_t id, bool threw)
 {
     core->finished(id, threw);
+}
+
+void run_blocking(std::unique_ptr<job_base> job, std::shared_ptr<limiter_core> core)
+{
+    // A worker drains at most this many of one limiter's tasks per wake-up, so limiters that
+    // share a pool still take turns on it.
+    constexpr int chain = 16;
+    for (int n = 0; job; ++n) {
+        const bool threw = job->execute();
+        // The finished job keeps its submitter's executor busy until the bookkeeping (which may
+        // post a shutdown's completion there) is done.
+        auto next = core->finished_next(job->id, threw);
+        job = std::move(next);
+        if (job && n + 1 == chain) {
+            job_base* raw = job.get();
+            raw->run(std::move(job), std::move(core)); // posted: back of the pool's queue
+            return;
+        }
+    }
 }
 
 const asio::any_io_executor& limiter_executor(const limiter_core& core) noexcept { return core.executor_; }

@@ -93,6 +93,11 @@ public:
     /// Keeps the submitter's executor from running out of work until the job is destroyed.
     virtual void keep_busy() = 0;
 
+    /// A blocking job: runs the task here and now and completes its submitter (posted);
+    /// returns whether the task threw.
+    virtual bool execute() = 0;
+    virtual bool blocking() const noexcept = 0;
+
     /// A stop source the task watches (it takes a `std::stop_token`), if any.
     virtual std::optional<std::stop_source> stop_source() { return std::nullopt; }
 
@@ -103,6 +108,9 @@ public:
 
 void limiter_submit(const std::shared_ptr<limiter_core>& core, std::uint64_t user, std::unique_ptr<job_base> job);
 void limiter_finished(const std::shared_ptr<limiter_core>& core, std::uint64_t id, bool threw);
+/// Runs a blocking job on the current (task executor's) thread, then the limiter's next
+/// blocking jobs, a bounded number, before returning the thread to its pool.
+void run_blocking(std::unique_ptr<job_base> job, std::shared_ptr<limiter_core> core);
 const boost::asio::any_io_executor& limiter_executor(const limiter_core& core) noexcept;
 const boost::asio::any_io_executor& limiter_task_executor(const limiter_core& core) noexcept;
 std::exception_ptr make_exception(boost::system::error_code ec);
@@ -182,35 +190,45 @@ public:
                            });
         } else {
             // Blocking work runs on the task executor (the profile's pool): one hop there, and
-            // one back to the submitter's executor.
+            // one back to the submitter's executor. The worker then runs the limiter's next
+            // blocking tasks itself, a few per wake-up, instead of posting each.
             me->keep_busy();
             const asio::any_io_executor task_ex = limiter_task_executor(*core);
             asio::post(task_ex, [owned = std::move(owned), core = std::move(core)]() mutable {
-                bool threw = false;
-                if constexpr (std::is_void_v<result>) {
-                    std::exception_ptr e;
-                    try {
-                        owned->invoke();
-                    } catch (...) {
-                        e = std::current_exception();
-                    }
-                    threw = static_cast<bool>(e);
-                    owned->deliver(std::move(e));
-                } else {
-                    std::exception_ptr e;
-                    result r{};
-                    try {
-                        r = owned->invoke();
-                    } catch (...) {
-                        e = std::current_exception();
-                    }
-                    threw = static_cast<bool>(e);
-                    owned->deliver(std::move(e), std::move(r));
-                }
-                limiter_finished(core, owned->id, threw);
+                run_blocking(std::move(owned), std::move(core));
             });
         }
     }
+
+    bool execute() override
+    {
+        if constexpr (traits::is_async) {
+            return false; // never called: async jobs are spawned, not executed
+        } else if constexpr (std::is_void_v<result>) {
+            std::exception_ptr e;
+            try {
+                invoke();
+            } catch (...) {
+                e = std::current_exception();
+            }
+            const bool threw = static_cast<bool>(e);
+            deliver(std::move(e));
+            return threw;
+        } else {
+            std::exception_ptr e;
+            result r{};
+            try {
+                r = invoke();
+            } catch (...) {
+                e = std::current_exception();
+            }
+            const bool threw = static_cast<bool>(e);
+            deliver(std::move(e), std::move(r));
+            return threw;
+        }
+    }
+
+    bool blocking() const noexcept override { return !traits::is_async; }
 
     void abort(boost::system::error_code ec) override
     {
