@@ -414,13 +414,18 @@ TEST(limiter, stats_count_what_happened)
     auto lim = std::make_shared<limiter>(ioc.get_executor(), limits,
                                          limiter_options{.concurrency = 1, .queue_capacity = 3}, pool.get_executor());
     asio::cancellation_signal sig;
-    lim->async_submit([] { return 1; }, [](std::exception_ptr, int) {});
+    gate everything_submitted; // nothing finishes before all five are in
+    lim->async_submit([&] {
+        everything_submitted.wait();
+        return 1;
+    }, [](std::exception_ptr, int) {});
     lim->async_submit([]() -> int { throw std::runtime_error("no"); }, [](std::exception_ptr, int) {});
     lim->async_submit([] { return 3; }, [](std::exception_ptr, int) {}); // waits ~10 ms for its token
     lim->async_submit([] { return 4; }, asio::bind_cancellation_slot(sig.slot(), [](std::exception_ptr, int) {}));
     lim->async_submit([] { return 5; }, [](std::exception_ptr, int) {}); // refused: queue full
     sig.emit(asio::cancellation_type::terminal);                          // the fourth, still queued
     const auto before = std::chrono::steady_clock::now();
+    everything_submitted.open();
     ioc.run();
     pool.join();
     const valve::limiter_stats st = lim->stats();
