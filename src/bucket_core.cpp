@@ -242,8 +242,9 @@ bool bucket_core::try_take(std::size_t n, time_point now) noexcept
         if (state_.compare_exchange_weak(s, config::encode(generation_of(s), x, c.scale), std::memory_order_acq_rel,
                                          std::memory_order_acquire))
             return true;
+        // `s` now holds the winner's state, and the failed exchange left the cache line here:
+        // after a short pause the next attempt usually succeeds without another transfer.
         backoff.pause();
-        s = state_.load(std::memory_order_acquire); // fresher than what the lost exchange saw
     }
 }
 
