@@ -14,7 +14,7 @@ namespace {
 // The state word: | generation (8 bits) | whole ns since the epoch (53) | remainder (3) |.
 // The time it holds is the GCRA "theoretical arrival time": when the bucket would be full again,
 // in units of 1/scale ns (remainder < scale). The generation names the configuration in force;
-// it selects one of 16 slots, and its 8 bits make a stale reader's compare-exchange fail.
+// it selects one of the configuration slots, and its 8 bits make a stale reader's compare-exchange fail.
 constexpr int generation_shift = 56;
 constexpr int rem_bits = 3;
 constexpr std::uint64_t rel_mask = (std::uint64_t{1} << 53) - 1;
@@ -169,7 +169,7 @@ bucket_core::config bucket_core::make_config(const rate& r, std::size_t burst, s
 [[gnu::always_inline]] inline bool bucket_core::read(std::uint64_t s, config& c) const noexcept
 {
     const unsigned g = generation_of(s);
-    const slot& sl = slots_[g & 15u];
+    const slot& sl = slots_[g & (slot_count - 1)];
     const std::uint64_t seq = sl.seq.load(std::memory_order_acquire);
     if ((seq & 1) != 0 || ((seq >> 1) & 0xffu) != g) return false;
     // Acquire loads: if any of them sees a newer writer's value, the check of `seq` below sees
@@ -196,7 +196,7 @@ bucket_core::config bucket_core::snapshot(std::uint64_t& s) const noexcept
 
 void bucket_core::publish(std::uint64_t generation, const config& c) noexcept
 {
-    slot& sl = slots_[generation & 15u];
+    slot& sl = slots_[generation & (slot_count - 1)];
     sl.seq.store(generation * 2 + 1, std::memory_order_relaxed);
     sl.epoch.store(c.epoch, std::memory_order_release);
     sl.cost.store(c.cost, std::memory_order_release);
@@ -389,7 +389,7 @@ void bucket_core::reconfigure(const rate* r, const std::size_t* burst, time_poin
 
 rate bucket_core::rate_of(unsigned generation) const noexcept
 {
-    const slot& sl = slots_[generation & 15u];
+    const slot& sl = slots_[generation & (slot_count - 1)];
     for (;;) {
         const std::uint64_t seq = sl.seq.load(std::memory_order_acquire);
         const int mode = sl.mode.load(std::memory_order_acquire);

@@ -301,7 +301,7 @@ private:
         for (auto& [id, p] : overflow_) drop(std::move(p.job), errc::shutting_down);
         overflow_.clear();
         if (!grace_timer_) {
-            grace_timer_.emplace(executor_);
+            grace_timer_ = std::make_unique<asio::steady_timer>(executor_);
             grace_timer_->expires_after(grace);
             grace_timer_->async_wait([self = shared_from_this()](boost::system::error_code ec) {
                 if (ec) return;
@@ -339,7 +339,7 @@ private:
     std::size_t running_ = 0;
     bool shutting_down_ = false;
     bool closing_ = false;
-    std::optional<asio::steady_timer> grace_timer_;
+    std::unique_ptr<asio::steady_timer> grace_timer_; // made only on shutdown
     std::vector<acquire_handler> shutdown_waiters_;
 
     std::chrono::steady_clock::time_point waiting_since_{};

@@ -132,7 +132,8 @@ private:
     // The state word is written by every grant: alone on its cache line, so that the
     // configuration readers do not share it.
     alignas(64) std::atomic<std::uint64_t> state_;
-    std::array<slot, 16> slots_;
+    static constexpr unsigned slot_count = 4; // a power of two; the sequence locks make reuse safe
+    std::array<slot, slot_count> slots_;
     std::mutex writer_;
     std::uint64_t generation_ = 0; // under writer_
 };
