@@ -13,6 +13,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace asio = boost::asio;
@@ -34,7 +35,7 @@ class limiter_core : public std::enable_shared_from_this<limiter_core> {
 public:
     limiter_core(const asio::any_io_executor& ex, std::shared_ptr<resource> limits, limiter_options options,
                  const asio::any_io_executor& task_ex, std::shared_ptr<void> keep_alive)
-        : executor_(ex), task_executor_(task_ex), keep_alive_(std::move(keep_alive)), limits_(std::move(limits)),
+        : keep_alive_(std::move(keep_alive)), executor_(ex), task_executor_(task_ex), limits_(std::move(limits)),
           options_(options)
     {
     }
@@ -48,8 +49,7 @@ public:
         // finds the job (or its outcome) under the lock.
         auto slot = job->cancellation_slot();
         if (slot.is_connected()) slot.template emplace<cancel_handler>(weak_from_this(), id);
-        std::lock_guard lock{mutex_};
-        admit(id, user, std::move(job));
+        locked([&] { admit(id, user, std::move(job)); });
     }
 
     /// As `finished`, but a blocking job the freed slot lets start is handed back to run on
@@ -57,14 +57,16 @@ public:
     std::unique_ptr<job_base> finished_next(std::uint64_t id, bool threw)
     {
         (threw ? failed_ : completed_).fetch_add(1, std::memory_order_relaxed);
-        std::lock_guard lock{mutex_};
-        stoppable_.erase(id);
-        --running_;
-        running_count_.fetch_sub(1, std::memory_order_relaxed);
+        progress();
         std::unique_ptr<job_base> next;
-        hand_back_ = &next;
-        pump();
-        hand_back_ = nullptr;
+        locked([&] {
+            stoppable_.erase(id);
+            --running_;
+            running_count_.fetch_sub(1, std::memory_order_relaxed);
+            hand_back_ = &next;
+            pump();
+            hand_back_ = nullptr;
+        });
         return next;
     }
 
@@ -72,24 +74,28 @@ public:
     {
         (threw ? failed_ : completed_).fetch_add(1, std::memory_order_relaxed);
         progress();
-        std::lock_guard lock{mutex_};
-        stoppable_.erase(id);
-        --running_;
-        running_count_.fetch_sub(1, std::memory_order_relaxed);
-        pump();
+        locked([&] {
+            stoppable_.erase(id);
+            --running_;
+            running_count_.fetch_sub(1, std::memory_order_relaxed);
+            pump();
+        });
     }
 
     void shutdown(acquire_handler handler, std::chrono::nanoseconds grace)
     {
-        std::lock_guard lock{mutex_};
-        begin_shutdown(std::move(handler), grace);
+        locked([&] { begin_shutdown(std::move(handler), grace); });
     }
 
+    /// Refuses new tasks, aborts queued ones and asks running ones (with a stop token) to stop,
+    /// all before returning.
     void close()
     {
-        std::lock_guard lock{mutex_};
-        closing_ = true;
-        abort_all(asio::error::operation_aborted);
+        locked([&] {
+            closing_ = true;
+            abort_all(asio::error::operation_aborted);
+            for (auto& [id, stop] : stoppable_) pending_.stop.push_back(stop);
+        });
     }
 
     limiter_stats stats() const noexcept
@@ -114,6 +120,11 @@ public:
     std::size_t queued() const noexcept { return queued_.load(std::memory_order_relaxed); }
     std::size_t running() const noexcept { return running_count_.load(std::memory_order_relaxed); }
 
+private:
+    // First, so it is destroyed last: the executors below may point into it (a thread pool).
+    std::shared_ptr<void> keep_alive_;
+
+public:
     asio::any_io_executor executor_;
     asio::any_io_executor task_executor_;
 
@@ -123,8 +134,6 @@ private:
         std::uint64_t user;
         job_ptr job;
     };
-
-    std::shared_ptr<void> keep_alive_;
 
     struct cancel_handler {
         cancel_handler(std::weak_ptr<limiter_core> c, std::uint64_t i) : core(std::move(c)), id(i) {}
@@ -139,10 +148,7 @@ private:
                                       | asio::cancellation_type::total;
             if ((type & honoured) == asio::cancellation_type::none) return;
             // Runs on the emitting thread; the lock serialises it with everything else.
-            if (auto c = core.lock()) {
-                std::lock_guard lock{c->mutex_};
-                c->cancel(id);
-            }
+            if (auto c = core.lock()) c->locked([&] { c->cancel(id); });
         }
     };
 
@@ -172,7 +178,7 @@ private:
     {
         queued_.fetch_sub(1, std::memory_order_relaxed);
         (ec == asio::error::operation_aborted ? cancelled_ : rejected_).fetch_add(1, std::memory_order_relaxed);
-        job->abort(ec);
+        pending_.drop.emplace_back(std::move(job), ec);
     }
 
     static void add_time(std::atomic<std::int64_t>& total, std::atomic<std::int64_t>& max, std::int64_t ns)
@@ -202,7 +208,7 @@ private:
             overflow_.erase(it);
             drop(std::move(job), asio::error::operation_aborted);
         } else if (const auto r = stoppable_.find(id); r != stoppable_.end()) {
-            r->second.request_stop(); // running: ask it to stop
+            pending_.stop.push_back(r->second); // running: ask it to stop
         }
     }
 
@@ -217,7 +223,7 @@ private:
 
     void pump()
     {
-        while (!queue_.empty() && running_ < options_.concurrency && !waiting_) {
+        while (!closing_ && !queue_.empty() && running_ < options_.concurrency && !waiting_) {
             const std::uint64_t id = *queue_.next();
             if (limits_->try_acquire(1)) {
                 start(queue_.take(id, true));
@@ -231,8 +237,7 @@ private:
                 1, asio::bind_cancellation_slot(
                        acquire_cancel_.slot(),
                        asio::bind_executor(executor_, [self = shared_from_this()](boost::system::error_code ec) {
-                           std::lock_guard lock{self->mutex_};
-                           self->on_token(ec);
+                           self->locked([&] { self->on_token(ec); });
                        })));
             return;
         }
@@ -278,8 +283,7 @@ private:
             *hand_back_ = std::move(job); // the finishing worker runs it next
             return;
         }
-        job_base* raw = job.get();
-        raw->run(std::move(job), shared_from_this());
+        pending_.start.push_back(std::move(job));
     }
 
     void abort_all(boost::system::error_code ec)
@@ -305,10 +309,11 @@ private:
             grace_timer_->expires_after(grace);
             grace_timer_->async_wait([self = shared_from_this()](boost::system::error_code ec) {
                 if (ec) return;
-                std::lock_guard lock{self->mutex_};
-                self->abort_all(asio::error::operation_aborted);
-                for (auto& [id, stop] : self->stoppable_) stop.request_stop();
-                self->maybe_finish_shutdown();
+                self->locked([&] {
+                    self->abort_all(asio::error::operation_aborted);
+                    for (auto& [id, stop] : self->stoppable_) self->pending_.stop.push_back(stop);
+                    self->maybe_finish_shutdown();
+                });
             });
         }
         maybe_finish_shutdown();
@@ -318,13 +323,35 @@ private:
     {
         if (!shutting_down_ || !queue_.empty() || !overflow_.empty() || running_ != 0 || waiting_) return;
         if (grace_timer_) grace_timer_->cancel();
-        for (auto& h : shutdown_waiters_) post_done(std::move(h));
+        for (auto& h : shutdown_waiters_) pending_.done.push_back(std::move(h));
         shutdown_waiters_.clear();
     }
 
-    void post_done(acquire_handler h)
+    // What a decision under the lock leaves to do after it: nothing that runs user code
+    // (a task's start, a stop callback, a callable's destructor) runs while the lock is held.
+    struct actions {
+        std::vector<job_ptr> start;
+        std::vector<std::pair<job_ptr, boost::system::error_code>> drop;
+        std::vector<std::stop_source> stop;
+        std::vector<acquire_handler> done;
+    };
+
+    template <class F>
+    void locked(F&& decide)
     {
-        asio::post(executor_, asio::append(std::move(h), boost::system::error_code{}));
+        actions todo;
+        {
+            std::lock_guard lock{mutex_};
+            decide();
+            todo = std::exchange(pending_, actions{});
+        }
+        for (auto& source : todo.stop) source.request_stop();
+        for (auto& [job, ec] : todo.drop) job->abort(ec);
+        for (auto& job : todo.start) {
+            job_base* raw = job.get();
+            raw->run(std::move(job), shared_from_this());
+        }
+        for (auto& h : todo.done) asio::post(executor_, asio::append(std::move(h), boost::system::error_code{}));
     }
 
     std::mutex mutex_;
@@ -345,6 +372,7 @@ private:
     std::chrono::steady_clock::time_point waiting_since_{};
     std::map<std::uint64_t, std::stop_source> stoppable_; // running tasks that take a stop_token
     job_ptr* hand_back_ = nullptr; // set while a finishing worker asks for its next job
+    actions pending_;              // filled under the lock, carried out after it
 
     std::atomic<std::uint64_t> next_id_{0};
     std::atomic<std::size_t> queued_{0};
@@ -423,6 +451,8 @@ limiter::executor_type limiter::get_executor() const noexcept { return core_->ex
 std::size_t limiter::queued() const noexcept { return core_->queued(); }
 
 limiter_stats limiter::stats() const noexcept { return core_->stats(); }
+
+void limiter::cancel() { core_->close(); }
 
 std::size_t limiter::running() const noexcept { return core_->running(); }
 

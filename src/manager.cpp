@@ -74,7 +74,8 @@ public:
     explicit manager_state(const asio::any_io_executor& ex) : executor(ex) {}
 
     asio::any_io_executor executor;
-    std::unique_ptr<asio::thread_pool> own_thread; // for manager()
+    std::shared_ptr<asio::thread_pool> own_thread; // for manager()
+    std::mutex join_mutex;                         // thread_pool::join is not thread-safe
 
     mutable std::mutex mutex;
     std::map<std::string, std::unique_ptr<profile>, std::less<>> profiles;
@@ -126,7 +127,11 @@ public:
 
     std::shared_ptr<limiter> make_limiter(profile& p, std::shared_ptr<resource> limits)
     {
-        return std::make_shared<limiter>(executor, std::move(limits), p.options, p.task_executor, p.pool);
+        // The limiter keeps alive the threads its executors point into, should it outlive the
+        // manager (its user still holds it): the profile's pool and the manager's own thread.
+        auto keep = std::make_shared<std::pair<std::shared_ptr<asio::thread_pool>, std::shared_ptr<asio::thread_pool>>>(
+            p.pool, own_thread);
+        return std::make_shared<limiter>(executor, std::move(limits), p.options, p.task_executor, std::move(keep));
     }
 
     std::shared_ptr<resource> make_resource(const rate& r, std::size_t burst, const profile_config& c)
@@ -167,7 +172,7 @@ public:
                 const auto& u = it->second;
                 // Only the manager holds it, nothing is queued or running, and it has rested.
                 if (u.lim.use_count() == 1 && u.lim->queued() == 0 && u.lim->running() == 0
-                    && now - u.last_used >= *p->config.idle) {
+                    && now - std::max(u.last_used, u.lim->stats().last_progress) >= *p->config.idle) {
                     dropped.push_back(std::move(it->second.lim));
                     it = p->users.erase(it);
                 } else {
@@ -196,7 +201,7 @@ manager::manager(const executor_type& ex) : state_(std::make_shared<detail::mana
 
 manager::manager()
 {
-    auto own = std::make_unique<asio::thread_pool>(1);
+    auto own = std::make_shared<asio::thread_pool>(1);
     state_ = std::make_shared<detail::manager_state>(own->get_executor());
     state_->own_thread = std::move(own);
 }
@@ -214,11 +219,16 @@ manager::~manager()
         state_->sweeper.reset();
         state_->stall_timer.reset();
     }
-    // No grace: queued tasks are aborted at once; running ones finish on their threads.
-    for (auto& l : limiters) l->async_shutdown(std::chrono::nanoseconds(0), [](boost::system::error_code) {});
+    // No grace: queued tasks are aborted before this returns; running ones are asked to stop
+    // (if they take a stop token) and finish on their threads, which are then joined.
+    for (auto& l : limiters) l->cancel();
     limiters.clear();
+    std::lock_guard join{state_->join_mutex};
     for (auto& p : pools) p->join();
-    if (state_->own_thread) state_->own_thread->join();
+    // A thread cannot join itself: a manager destroyed on its own thread leaves that thread to
+    // end with the last limiter that keeps it.
+    if (state_->own_thread && !state_->own_thread->get_executor().running_in_this_thread())
+        state_->own_thread->join();
 }
 
 manager::executor_type manager::get_executor() const noexcept { return state_->executor; }
@@ -389,6 +399,7 @@ void manager::shutdown(std::chrono::nanoseconds grace)
         for (auto& [name, p] : state_->profiles)
             if (p->pool) pools.push_back(p->pool);
     }
+    std::lock_guard join{state_->join_mutex};
     for (auto& p : pools) p->join();
 }
 

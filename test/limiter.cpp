@@ -219,7 +219,7 @@ TEST(limiter, wait_policy_lets_the_submitter_wait_for_room)
 TEST(limiter, tasks_pass_the_resources_rate)
 {
     asio::io_context ioc;
-    asio::thread_pool pool{2};
+    asio::thread_pool pool{1}; // one worker: the recorded times are in the order the tasks ran
     auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::per_second(50), 1);
     auto lim = std::make_shared<limiter>(ioc.get_executor(), limits, limiter_options{.concurrency = 4},
                                          pool.get_executor());
@@ -312,8 +312,8 @@ TEST(limiter, shutdown_grace_aborts_what_cannot_finish)
     asio::thread_pool pool{1};
     auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::zero(), 1);
     auto lim = std::make_shared<limiter>(ioc.get_executor(), limits, limiter_options{}, pool.get_executor());
-    std::vector<error_code> outcomes;
-    for (int i = 0; i < 3; ++i) lim->async_submit([] {}, [&](std::exception_ptr e) { outcomes.push_back(code_of(e)); });
+    std::vector<error_code> outcomes(3, valve::errc::timed_out);
+    for (int i = 0; i < 3; ++i) lim->async_submit([] {}, [&, i](std::exception_ptr e) { outcomes[i] = code_of(e); });
     error_code shut = valve::errc::timed_out;
     lim->async_shutdown(30ms, [&](error_code ec) { shut = ec; });
     ioc.run();
@@ -410,7 +410,8 @@ TEST(limiter, stats_count_what_happened)
 {
     asio::io_context ioc;
     asio::thread_pool pool{1};
-    auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::per_second(100), 2);
+    // Two tokens at once, then one every 100 ms: the third task surely waits for its token.
+    auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::per_second(10), 2);
     auto lim = std::make_shared<limiter>(ioc.get_executor(), limits,
                                          limiter_options{.concurrency = 1, .queue_capacity = 3}, pool.get_executor());
     asio::cancellation_signal sig;
@@ -420,7 +421,7 @@ TEST(limiter, stats_count_what_happened)
         return 1;
     }, [](std::exception_ptr, int) {});
     lim->async_submit([]() -> int { throw std::runtime_error("no"); }, [](std::exception_ptr, int) {});
-    lim->async_submit([] { return 3; }, [](std::exception_ptr, int) {}); // waits ~10 ms for its token
+    lim->async_submit([] { return 3; }, [](std::exception_ptr, int) {}); // waits ~100 ms for its token
     lim->async_submit([] { return 4; }, asio::bind_cancellation_slot(sig.slot(), [](std::exception_ptr, int) {}));
     lim->async_submit([] { return 5; }, [](std::exception_ptr, int) {}); // refused: queue full
     sig.emit(asio::cancellation_type::terminal);                          // the fourth, still queued
@@ -490,5 +491,53 @@ TEST(limiter, shutdown_asks_running_tasks_to_stop_when_the_grace_runs_out)
     ioc.run();
     EXPECT_TRUE(stopped);
     EXPECT_FALSE(shut);
+    pool.join();
+}
+
+TEST(limiter, an_async_task_may_submit_to_its_own_limiter)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{.concurrency = 2},
+                                         pool.get_executor());
+    int result = 0;
+    asio::co_spawn(
+        ioc,
+        [&]() -> asio::awaitable<void> {
+            result = co_await lim->submit([&]() -> asio::awaitable<int> {
+                const int inner = co_await lim->submit([] { return 41; });
+                co_return inner + 1;
+            });
+        },
+        asio::detached);
+    ioc.run();
+    EXPECT_EQ(result, 42);
+    pool.join();
+}
+
+TEST(limiter, a_task_that_throws_before_its_coroutine_starts_frees_its_slot)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{.concurrency = 1},
+                                         pool.get_executor());
+    std::string caught;
+    int after = 0;
+    asio::co_spawn(
+        ioc,
+        [&]() -> asio::awaitable<void> {
+            try {
+                // Not a coroutine: it throws instead of returning the awaitable.
+                co_await lim->submit([]() -> asio::awaitable<int> { throw std::runtime_error("no connection"); });
+            } catch (const std::runtime_error& e) {
+                caught = e.what();
+            }
+            after = co_await lim->submit([]() -> asio::awaitable<int> { co_return 7; });
+        },
+        asio::detached);
+    ioc.run();
+    EXPECT_EQ(caught, "no connection");
+    EXPECT_EQ(after, 7);
+    EXPECT_EQ(lim->stats().failed, 1u);
     pool.join();
 }

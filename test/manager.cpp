@@ -71,10 +71,14 @@ TEST(manager, a_shared_profile_gives_all_users_one_limiter)
     auto b = mgr.get_limiter("free-tier", "bob");
     EXPECT_EQ(mgr.limiter_count("free-tier"), 1u);
     // Two handles, one limiter: what bob submits, alice's handle sees.
-    b->async_submit([] {}, [](std::exception_ptr) {});
-    b->async_submit([] {}, [](std::exception_ptr) {});
+    std::promise<void> hold;
+    auto held = hold.get_future().share();
+    b->async_submit([held] { held.wait(); }, [](std::exception_ptr) {}); // runs, and waits
+    b->async_submit([] {}, [](std::exception_ptr) {});                   // waits for a token
     EXPECT_EQ(a->stats().submitted, 2u);
-    EXPECT_EQ(a->queued() + a->running(), 2u);
+    EXPECT_EQ(a->running(), 1u);
+    EXPECT_EQ(a->queued(), 1u);
+    hold.set_value();
     ioc.run();
     EXPECT_EQ(a->stats().completed, 2u);
 }
@@ -278,6 +282,7 @@ TEST(manager, a_manager_with_its_own_thread_shuts_down_cleanly)
         EXPECT_EQ(thrown_by([&] { mgr.get_limiter("p", "u"); }), valve::errc::shutting_down);
     }
     EXPECT_EQ(ran.load(), 20);
+    EXPECT_EQ(refused.load(), 1);
 }
 
 TEST(manager, stats_add_up_and_a_stall_is_logged)
@@ -308,4 +313,28 @@ TEST(manager, stats_add_up_and_a_stall_is_logged)
     valve::set_logger(nullptr);
     mgr.async_shutdown(0ms, [](error_code) {});
     ioc.run();
+}
+
+TEST(manager, destruction_aborts_the_backlog_at_once_and_held_limiters_refuse_afterwards)
+{
+    asio::io_context ioc;
+    std::atomic<int> ran{0};
+    int aborted = 0, refused = 0;
+    std::shared_ptr<valve::limiter> kept;
+    {
+        valve::manager mgr{ioc.get_executor()};
+        mgr.register_profile("p", valve::dedicated_resource(rate::zero(), 1), valve::worker_pool(1, 10));
+        kept = mgr.get_limiter("p", "u");
+        for (int i = 0; i < 5; ++i)
+            kept->async_submit([&] { ++ran; }, [&](std::exception_ptr e) {
+                aborted += code_of(e) == asio::error::operation_aborted;
+            });
+        // Destroyed while nobody runs the io_context: the backlog must not run meanwhile.
+    }
+    EXPECT_LE(ran.load(), 1); // only the burst's one token could ever run
+    kept->async_submit([&] { ++ran; }, [&](std::exception_ptr e) { refused += code_of(e) == valve::errc::shutting_down; });
+    ioc.run();
+    EXPECT_EQ(aborted, 4);
+    EXPECT_EQ(refused, 1);
+    EXPECT_LE(ran.load(), 1);
 }

@@ -181,7 +181,19 @@ public:
         if constexpr (traits::is_async) {
             // Async work does not block: it runs on the submitter's executor, no thread hop.
             auto ex = asio::get_associated_executor(me->handler_, me->fallback_);
-            asio::co_spawn(ex, me->invoke(),
+            std::optional<decltype(me->invoke())> work;
+            try {
+                work.emplace(me->invoke()); // a callable that throws before its coroutine starts
+            } catch (...) {
+                const std::uint64_t job_id = me->id;
+                if constexpr (std::is_void_v<result>)
+                    me->deliver(std::current_exception());
+                else
+                    me->deliver(std::current_exception(), result{});
+                limiter_finished(core, job_id, true);
+                return;
+            }
+            asio::co_spawn(ex, std::move(*work),
                            [owned = std::move(owned), core = std::move(core)](std::exception_ptr e, auto... r) mutable {
                                // The slot is free before the submitter resumes, so its next
                                // submission can start at once.
@@ -360,6 +372,11 @@ public:
         return boost::asio::async_initiate<CompletionToken, void(boost::system::error_code)>(
             shutdown_initiation{}, token, core_, std::chrono::duration_cast<std::chrono::nanoseconds>(grace));
     }
+
+    /// Refuses new tasks from now on (`errc::shutting_down`), aborts every queued task
+    /// (`operation_aborted`) and asks running tasks that take a `std::stop_token` to stop, all
+    /// before returning. Running tasks finish; a shutdown in progress completes when they have.
+    void cancel();
 
     /// The same limiter (one queue, one resource, one concurrency cap) seen by another user:
     /// queued tasks of different users are served round-robin, so one user flooding the queue

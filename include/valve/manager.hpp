@@ -132,7 +132,9 @@ public:
     /// A manager that runs its bookkeeping on a thread of its own.
     manager();
 
-    /// Refuses new tasks, aborts queued ones and waits for running blocking tasks to finish.
+    /// Refuses new tasks, aborts queued ones at once (see `limiter::cancel`) and waits for
+    /// running blocking tasks to finish. Limiters that users still hold stay valid: they refuse
+    /// new tasks with `errc::shutting_down`.
     ~manager();
 
     manager(const manager&) = delete;
@@ -184,8 +186,10 @@ public:
             token, this, std::chrono::duration_cast<std::chrono::nanoseconds>(grace));
     }
 
-    /// Blocking `async_shutdown`, then joins the profiles' threads. Must not be called from a
-    /// thread that runs the manager's executor (it would wait for itself).
+    /// Blocking `async_shutdown`, then joins the profiles' threads. The manager's executor must
+    /// be running on another thread meanwhile (its completions are delivered there): with
+    /// `manager{ioc.get_executor()}`, call it while `ioc.run()` runs elsewhere, or use
+    /// `async_shutdown`; never from a thread that runs that executor.
     void shutdown(std::chrono::nanoseconds grace = std::chrono::seconds(30));
 
 private:
