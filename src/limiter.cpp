@@ -7,6 +7,10 @@
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/any_completion_executor.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/execution/outstanding_work.hpp>
+#include <boost/asio/prefer.hpp>
 #include <boost/asio/steady_timer.hpp>
 
 #include <atomic>
@@ -300,6 +304,9 @@ private:
     void begin_shutdown(acquire_handler handler, std::chrono::nanoseconds grace)
     {
         shutting_down_ = true;
+        // The waiter's executor keeps running until the shutdown is delivered there.
+        shutdown_work_.push_back(asio::prefer(asio::get_associated_executor(handler, executor_),
+                                              asio::execution::outstanding_work.tracked));
         shutdown_waiters_.push_back(std::move(handler));
         // Nothing new is admitted: those waiting for room are refused now.
         for (auto& [id, p] : overflow_) drop(std::move(p.job), errc::shutting_down);
@@ -325,6 +332,7 @@ private:
         if (grace_timer_) grace_timer_->cancel();
         for (auto& h : shutdown_waiters_) pending_.done.push_back(std::move(h));
         shutdown_waiters_.clear();
+        pending_.released_work.swap(shutdown_work_); // released after the completions are posted
     }
 
     // What a decision under the lock leaves to do after it: nothing that runs user code
@@ -334,6 +342,7 @@ private:
         std::vector<std::pair<job_ptr, boost::system::error_code>> drop;
         std::vector<std::stop_source> stop;
         std::vector<acquire_handler> done;
+        std::vector<asio::any_completion_executor> released_work;
     };
 
     template <class F>
@@ -352,6 +361,7 @@ private:
             raw->run(std::move(job), shared_from_this());
         }
         for (auto& h : todo.done) asio::post(executor_, asio::append(std::move(h), boost::system::error_code{}));
+        todo.released_work.clear();
     }
 
     std::mutex mutex_;
@@ -368,6 +378,7 @@ private:
     bool closing_ = false;
     std::unique_ptr<asio::steady_timer> grace_timer_; // made only on shutdown
     std::vector<acquire_handler> shutdown_waiters_;
+    std::vector<asio::any_completion_executor> shutdown_work_;
 
     std::chrono::steady_clock::time_point waiting_since_{};
     std::map<std::uint64_t, std::stop_source> stoppable_; // running tasks that take a stop_token

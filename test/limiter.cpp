@@ -3,6 +3,7 @@
 #include <valve/error.hpp>
 
 #include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -540,4 +541,29 @@ TEST(limiter, a_task_that_throws_before_its_coroutine_starts_frees_its_slot)
     EXPECT_EQ(after, 7);
     EXPECT_EQ(lim->stats().failed, 1u);
     pool.join();
+}
+
+TEST(limiter, a_pending_shutdown_keeps_its_executor_running_until_it_completes)
+{
+    // The running task's submitter lives on another io_context, so only the shutdown itself
+    // can keep `ioc` running after the grace period ends while the task still runs.
+    asio::io_context ioc, other;
+    asio::thread_pool pool{1};
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{}, pool.get_executor());
+    gate release;
+    auto elsewhere = other.get_executor();
+    lim->async_submit([&] { release.wait(); }, asio::bind_executor(elsewhere, [](std::exception_ptr) {}));
+    lim->async_submit([] {}, asio::bind_executor(elsewhere, [](std::exception_ptr) {})); // aborted at the grace
+    bool shut = false;
+    lim->async_shutdown(10ms, [&](error_code ec) { shut = !ec; });
+    std::thread opener([&] {
+        const auto give_up = std::chrono::steady_clock::now() + 30s;
+        while (lim->stats().cancelled == 0 && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
+        release.open(); // only after the grace period has run out
+    });
+    ioc.run();
+    opener.join();
+    EXPECT_TRUE(shut);
+    pool.join();
+    other.run();
 }
