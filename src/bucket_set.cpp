@@ -1,6 +1,7 @@
 #include <valve/bucket_set.hpp>
 
 #include "detail/bucket_impl.hpp"
+#include "detail/cancellation.hpp"
 
 #include <valve/error.hpp>
 
@@ -100,10 +101,7 @@ private:
 
         void operator()(asio::cancellation_type type) const
         {
-            // Nothing is held while waiting, so every kind of cancellation is safe to honour.
-            constexpr auto honoured = asio::cancellation_type::terminal | asio::cancellation_type::partial
-                                      | asio::cancellation_type::total;
-            if ((type & honoured) == asio::cancellation_type::none) return;
+            if (!cancels_waiting(type)) return; // nothing is held while waiting
             if (auto self = op.lock())
                 asio::post(self->strand_, [self] {
                     self->cancelled_ = true;

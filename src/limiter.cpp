@@ -1,5 +1,6 @@
 #include <valve/limiter.hpp>
 
+#include "detail/cancellation.hpp"
 #include "detail/fair_queue.hpp"
 
 #include <valve/error.hpp>
@@ -56,33 +57,19 @@ public:
         locked([&] { admit(id, user, std::move(job)); });
     }
 
-    /// As `finished`, but a blocking job the freed slot lets start is handed back to run on
-    /// the calling worker (if `take_next`) instead of being posted.
-    std::unique_ptr<job_base> finished_next(std::uint64_t id, bool threw)
+    /// Frees the slot of task `id` and starts what that allows. With `hand_back`, a blocking
+    /// job the slot lets start is handed back to run on the calling worker instead of posted.
+    void finished(std::uint64_t id, bool threw, std::unique_ptr<job_base>* hand_back = nullptr)
     {
         (threw ? failed_ : completed_).fetch_add(1, std::memory_order_relaxed);
         progress();
-        std::unique_ptr<job_base> next;
         locked([&] {
             stoppable_.erase(id);
             --running_;
             running_count_.fetch_sub(1, std::memory_order_relaxed);
-            hand_back_ = &next;
+            hand_back_ = hand_back;
             pump();
             hand_back_ = nullptr;
-        });
-        return next;
-    }
-
-    void finished(std::uint64_t id, bool threw)
-    {
-        (threw ? failed_ : completed_).fetch_add(1, std::memory_order_relaxed);
-        progress();
-        locked([&] {
-            stoppable_.erase(id);
-            --running_;
-            running_count_.fetch_sub(1, std::memory_order_relaxed);
-            pump();
         });
     }
 
@@ -147,10 +134,7 @@ private:
 
         void operator()(asio::cancellation_type type) const
         {
-            // A queued task has not run and holds no token: every kind of cancellation is safe.
-            constexpr auto honoured = asio::cancellation_type::terminal | asio::cancellation_type::partial
-                                      | asio::cancellation_type::total;
-            if ((type & honoured) == asio::cancellation_type::none) return;
+            if (!cancels_waiting(type)) return; // a running task is asked to stop, see cancel()
             // Runs on the emitting thread; the lock serialises it with everything else.
             if (auto c = core.lock()) c->locked([&] { c->cancel(id); });
         }
@@ -413,7 +397,8 @@ void run_blocking(std::unique_ptr<job_base> job, std::shared_ptr<limiter_core> c
         const bool threw = job->execute();
         // The finished job keeps its submitter's executor busy until the bookkeeping (which may
         // post a shutdown's completion there) is done.
-        auto next = core->finished_next(job->id, threw);
+        std::unique_ptr<job_base> next;
+        core->finished(job->id, threw, &next);
         job = std::move(next);
         if (job && n + 1 == chain) {
             job_base* raw = job.get();

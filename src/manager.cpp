@@ -184,6 +184,19 @@ public:
         arm_sweep();
     }
 
+    // Waits for the profiles' threads to run out of work and end (once shutdown has begun).
+    void join_pools()
+    {
+        std::vector<std::shared_ptr<asio::thread_pool>> pools;
+        {
+            std::lock_guard lock{mutex};
+            for (auto& [name, p] : profiles)
+                if (p->pool) pools.push_back(p->pool);
+        }
+        std::lock_guard join{join_mutex};
+        for (auto& p : pools) p->join();
+    }
+
     std::vector<std::shared_ptr<limiter>> all_limiters()
     {
         std::vector<std::shared_ptr<limiter>> out;
@@ -209,13 +222,10 @@ manager::manager()
 manager::~manager()
 {
     std::vector<std::shared_ptr<limiter>> limiters;
-    std::vector<std::shared_ptr<asio::thread_pool>> pools;
     {
         std::lock_guard lock{state_->mutex};
         state_->shutting_down = true;
         limiters = state_->all_limiters();
-        for (auto& [name, p] : state_->profiles)
-            if (p->pool) pools.push_back(p->pool);
         state_->sweeper.reset();
         state_->stall_timer.reset();
     }
@@ -223,8 +233,7 @@ manager::~manager()
     // (if they take a stop token) and finish on their threads, which are then joined.
     for (auto& l : limiters) l->cancel();
     limiters.clear();
-    std::lock_guard join{state_->join_mutex};
-    for (auto& p : pools) p->join();
+    state_->join_pools();
     // A thread cannot join itself: a manager destroyed on its own thread leaves that thread to
     // end with the last limiter that keeps it.
     if (state_->own_thread && !state_->own_thread->get_executor().running_in_this_thread())
@@ -393,14 +402,7 @@ void manager::start_shutdown(detail::acquire_handler handler, std::chrono::nanos
 void manager::shutdown(std::chrono::nanoseconds grace)
 {
     async_shutdown(grace, asio::use_future).get();
-    std::vector<std::shared_ptr<asio::thread_pool>> pools;
-    {
-        std::lock_guard lock{state_->mutex};
-        for (auto& [name, p] : state_->profiles)
-            if (p->pool) pools.push_back(p->pool);
-    }
-    std::lock_guard join{state_->join_mutex};
-    for (auto& p : pools) p->join();
+    state_->join_pools();
 }
 
 } // namespace valve

@@ -1,6 +1,7 @@
 #include <valve/token_bucket.hpp>
 
 #include "detail/bucket_impl.hpp"
+#include "detail/cancellation.hpp"
 
 #include <valve/error.hpp>
 
@@ -47,10 +48,7 @@ struct bucket_impl::cancel_handler {
 
     void operator()(asio::cancellation_type type) const
     {
-        // A queued waiter has taken nothing, so every kind of cancellation is safe to honour.
-        constexpr auto honoured = asio::cancellation_type::terminal | asio::cancellation_type::partial
-                                  | asio::cancellation_type::total;
-        if ((type & honoured) == asio::cancellation_type::none) return;
+        if (!cancels_waiting(type)) return;
         if (auto s = self.lock()) asio::post(s->strand_, [s, id = id] { s->on_cancel(id); });
     }
 };
@@ -63,7 +61,7 @@ bucket_impl::bucket_impl(const asio::any_io_executor& ex, rate r, std::size_t bu
 
 void bucket_impl::initiate(acquire_handler handler, std::size_t n, time_point deadline)
 {
-    if (try_acquire_now(*this, n)) return post_completion(std::move(handler), executor_, {});
+    // The header has just tried the fast path (try_acquire_now); this is the waiting path.
     if (n > core_.burst() && !core_.current_rate().is_unlimited())
         return post_completion(std::move(handler), executor_, errc::exceeds_burst);
     const time_point now = clock::now();
