@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <string>
 
 namespace valve {
@@ -57,6 +58,15 @@ std::int64_t to_ns(bucket_core::time_point t) noexcept
 }
 
 unsigned generation_of(std::uint64_t s) noexcept { return static_cast<unsigned>(s >> generation_shift); }
+
+// The writers of one bucket (rate and burst changes, re-anchoring) serialise on one of these,
+// picked by the bucket's address. Writes are rare and short, and a mutex of its own would cost
+// each of a million per-user buckets 40 bytes.
+std::mutex& writer_mutex(const void* bucket) noexcept
+{
+    static std::array<std::mutex, 61> mutexes;
+    return mutexes[(reinterpret_cast<std::uintptr_t>(bucket) >> 6) % mutexes.size()];
+}
 
 } // namespace
 
@@ -355,7 +365,7 @@ void bucket_core::rebase(time_point now) noexcept
 
 void bucket_core::reconfigure(const rate* r, const std::size_t* burst, time_point now)
 {
-    std::lock_guard lock{writer_};
+    std::lock_guard lock{writer_mutex(this)};
     std::uint64_t s = state_.load(std::memory_order_acquire);
     const config old = snapshot(s);
     if (!r && !burst && !old.needs_rebase(now)) return; // another thread re-anchored already
@@ -410,6 +420,12 @@ std::size_t bucket_core::burst() const noexcept
 {
     std::uint64_t s = state_.load(std::memory_order_acquire);
     return snapshot(s).burst;
+}
+
+bool bucket_core::is_unlimited() const noexcept
+{
+    std::uint64_t s = state_.load(std::memory_order_acquire);
+    return snapshot(s).mode == unlimited;
 }
 
 double bucket_core::available(time_point now) const noexcept

@@ -49,15 +49,35 @@ struct bucket_impl::cancel_handler {
     void operator()(asio::cancellation_type type) const
     {
         if (!cancels_waiting(type)) return;
-        if (auto s = self.lock()) asio::post(s->strand_, [s, id = id] { s->on_cancel(id); });
+        // A waiter exists, so the serving state does.
+        if (auto s = self.lock()) s->on_strand([id = id](bucket_impl& b) { b.on_cancel(id); });
     }
 };
 
 bucket_impl::bucket_impl(const asio::any_io_executor& ex, rate r, std::size_t burst)
-    : executor_(ex), core_(r, burst, clock::now()), strand_(asio::make_strand(ex))
+    : executor_(ex), core_(r, burst, clock::now())
 {
 }
 
+bucket_impl::~bucket_impl() { delete serving_.load(); }
+
+bucket_impl::serving_state& bucket_impl::serving()
+{
+    if (serving_state* made = serving_if_made()) return *made;
+    // Two threads may race to make it: one wins, the other's copy is thrown away.
+    auto fresh = std::make_unique<serving_state>(executor_);
+    serving_state* expected = nullptr;
+    if (serving_.compare_exchange_strong(expected, fresh.get()))
+        return *fresh.release();
+    return *expected;
+}
+
+template <class F>
+void bucket_impl::on_strand(F&& f)
+{
+    if (serving_state* s = serving_if_made())
+        asio::post(s->strand, [self = shared_from_this(), f = std::forward<F>(f)]() mutable { f(*self); });
+}
 
 void bucket_impl::initiate(acquire_handler handler, std::size_t n, time_point deadline)
 {
@@ -68,37 +88,43 @@ void bucket_impl::initiate(acquire_handler handler, std::size_t n, time_point de
     if (core_.earliest(n, now, pending_tokens_.load(std::memory_order_relaxed)) > deadline)
         return post_completion(std::move(handler), executor_, errc::would_exceed_deadline);
 
+    // Made before the waiter counts as pending: whoever sees a waiter finds its strand.
+    serving_state& s = serving();
     pending_.fetch_add(1, std::memory_order_acq_rel);
     pending_tokens_.fetch_add(n, std::memory_order_relaxed);
-    const std::uint64_t id = next_id_.fetch_add(1, std::memory_order_relaxed);
+    const std::uint64_t id = s.next_id.fetch_add(1, std::memory_order_relaxed);
     // Installed before the waiter is posted, so a cancellation emitted after this call returns
     // always reaches the strand after the waiter does.
     auto slot = asio::get_associated_cancellation_slot(handler);
     if (slot.is_connected()) slot.template emplace<cancel_handler>(weak_from_this(), id);
     auto work = asio::prefer(asio::get_associated_executor(handler, executor_), asio::execution::outstanding_work.tracked);
-    asio::post(strand_, [self = shared_from_this(), id,
-                         w = waiter{std::move(handler), std::move(work), n, deadline}]() mutable {
+    asio::post(s.strand, [self = shared_from_this(), id,
+                          w = waiter{std::move(handler), std::move(work), n, deadline}]() mutable {
         self->enqueue(id, std::move(w));
     });
 }
 
 void bucket_impl::enqueue(std::uint64_t id, waiter w)
 {
-    if (closed_) {
+    // close() sets the flag before it looks for the strand: a waiter that arrives after the
+    // close was posted, or when there was no strand yet to post it to, sees it here.
+    if (closed_.load()) {
         pending_.fetch_sub(1, std::memory_order_acq_rel);
         pending_tokens_.fetch_sub(w.n, std::memory_order_relaxed);
         return post_completion(std::move(w.handler), executor_, asio::error::operation_aborted);
     }
-    const auto it = queue_.emplace(id, std::move(w)).first;
+    auto& queue = serving_if_made()->queue;
+    const auto it = queue.emplace(id, std::move(w)).first;
     // Only a new head changes the plan; others wait their turn behind the armed timer.
-    if (it == queue_.begin()) pump(clock::now());
+    if (it == queue.begin()) pump(clock::now());
 }
 
 void bucket_impl::on_cancel(std::uint64_t id)
 {
-    const auto it = queue_.find(id);
-    if (it == queue_.end()) return; // already completed
-    const bool was_head = it == queue_.begin();
+    auto& queue = serving_if_made()->queue;
+    const auto it = queue.find(id);
+    if (it == queue.end()) return; // already completed
+    const bool was_head = it == queue.begin();
     finish(it, asio::error::operation_aborted);
     if (was_head) pump(clock::now());
 }
@@ -109,17 +135,18 @@ void bucket_impl::finish(std::map<std::uint64_t, waiter>::iterator it, boost::sy
     pending_tokens_.fetch_sub(it->second.n, std::memory_order_relaxed);
     pending_.fetch_sub(1, std::memory_order_acq_rel);
     post_completion(std::move(handler), executor_, ec);
-    queue_.erase(it); // releases the work guard only after the completion is posted
+    serving_if_made()->queue.erase(it); // releases the work guard only after the completion is posted
 }
 
 void bucket_impl::pump(time_point cursor)
 {
+    serving_state& s = *serving_if_made();
     const time_point now = clock::now();
     // A timer that fired late grants as of when it was due (at most one token interval back),
     // so wake-up latency does not erode the rate.
     cursor = std::clamp(cursor, now - backdate_limit(core_.current_rate()), now);
-    while (!queue_.empty()) {
-        const auto it = queue_.begin();
+    while (!s.queue.empty()) {
+        const auto it = s.queue.begin();
         const waiter& w = it->second;
         if (w.n > core_.burst() && !core_.current_rate().is_unlimited()) {
             finish(it, errc::exceeds_burst);
@@ -142,48 +169,52 @@ void bucket_impl::pump(time_point cursor)
         arm(due);
         return;
     }
-    planned_ = time_point::max();
-    ++timer_generation_;
-    if (timer_) timer_->cancel();
+    s.planned = time_point::max();
+    ++s.timer_generation;
+    if (s.timer) s.timer->cancel();
 }
 
 void bucket_impl::arm(time_point t)
 {
-    if (t == planned_) return; // the timer is already set for this moment
-    planned_ = t;
-    const std::uint64_t generation = ++timer_generation_;
-    if (!timer_) timer_.emplace(strand_);
-    timer_->expires_at(t);
-    timer_->async_wait([self = shared_from_this(), generation](boost::system::error_code) {
+    serving_state& s = *serving_if_made();
+    if (t == s.planned) return; // the timer is already set for this moment
+    s.planned = t;
+    const std::uint64_t generation = ++s.timer_generation;
+    if (!s.timer) s.timer.emplace(s.strand);
+    s.timer->expires_at(t);
+    s.timer->async_wait([self = shared_from_this(), generation](boost::system::error_code) {
         // Superseded waits (re-planned or cancelled) are ignored by their generation.
-        if (generation == self->timer_generation_) self->pump(self->planned_);
+        serving_state& st = *self->serving_if_made();
+        if (generation == st.timer_generation) self->pump(st.planned);
     });
 }
 
 void bucket_impl::cancel_all()
 {
-    asio::post(strand_, [self = shared_from_this()] {
-        while (!self->queue_.empty()) self->finish(self->queue_.begin(), asio::error::operation_aborted);
-        self->pump(clock::now());
+    on_strand([](bucket_impl& b) {
+        auto& queue = b.serving_if_made()->queue;
+        while (!queue.empty()) b.finish(queue.begin(), asio::error::operation_aborted);
+        b.pump(clock::now());
     });
     notify(true);
 }
 
 void bucket_impl::replan()
 {
-    asio::post(strand_, [self = shared_from_this()] {
-        self->fail_missed_deadlines();
-        self->planned_ = time_point::max(); // force the timer to be set again
-        self->pump(clock::now());
+    // Without a strand nobody waits: a waiter on its way plans with the new configuration.
+    on_strand([](bucket_impl& b) {
+        b.fail_missed_deadlines();
+        b.serving_if_made()->planned = time_point::max(); // force the timer to be set again
+        b.pump(clock::now());
     });
     notify(false);
 }
 
 void bucket_impl::wake()
 {
-    asio::post(strand_, [self = shared_from_this()] {
-        self->planned_ = time_point::max();
-        self->pump(clock::now());
+    on_strand([](bucket_impl& b) {
+        b.serving_if_made()->planned = time_point::max();
+        b.pump(clock::now());
     });
 }
 
@@ -191,9 +222,10 @@ void bucket_impl::fail_missed_deadlines()
 {
     // Each waiter is served after the tokens of those ahead of it; one whose turn now falls
     // after its deadline is told so at once rather than when it reaches the head.
+    auto& queue = serving_if_made()->queue;
     const time_point now = clock::now();
     std::size_t ahead = 0;
-    for (auto it = queue_.begin(); it != queue_.end();) {
+    for (auto it = queue.begin(); it != queue.end();) {
         const waiter& w = it->second;
         if (w.deadline != time_point::max() && core_.earliest(w.n, now, ahead) > w.deadline) {
             finish(it++, errc::would_exceed_deadline);
@@ -206,25 +238,29 @@ void bucket_impl::fail_missed_deadlines()
 
 void bucket_impl::close()
 {
-    asio::post(strand_, [self = shared_from_this()] {
-        self->closed_ = true;
-        while (!self->queue_.empty()) self->finish(self->queue_.begin(), asio::error::operation_aborted);
-        self->pump(clock::now());
+    closed_.store(true);
+    on_strand([](bucket_impl& b) {
+        auto& queue = b.serving_if_made()->queue;
+        while (!queue.empty()) b.finish(queue.begin(), asio::error::operation_aborted);
+        b.pump(clock::now());
     });
     notify(true);
 }
 
 void bucket_impl::watch(std::weak_ptr<bucket_watcher> w)
 {
-    std::lock_guard lock{watchers_mutex_};
-    std::erase_if(watchers_, [](const auto& x) { return x.expired(); });
-    watchers_.push_back(std::move(w));
+    serving_state& s = serving();
+    std::lock_guard lock{s.watchers_mutex};
+    std::erase_if(s.watchers, [](const auto& x) { return x.expired(); });
+    s.watchers.push_back(std::move(w));
 }
 
 void bucket_impl::unwatch(const bucket_watcher* w)
 {
-    std::lock_guard lock{watchers_mutex_};
-    std::erase_if(watchers_, [w](const auto& x) {
+    serving_state* s = serving_if_made();
+    if (!s) return;
+    std::lock_guard lock{s->watchers_mutex};
+    std::erase_if(s->watchers, [w](const auto& x) {
         const auto p = x.lock();
         return !p || p.get() == w;
     });
@@ -232,10 +268,12 @@ void bucket_impl::unwatch(const bucket_watcher* w)
 
 void bucket_impl::notify(bool cancelled)
 {
+    serving_state* s = serving_if_made();
+    if (!s) return; // nobody ever watched
     std::vector<std::shared_ptr<bucket_watcher>> targets;
     {
-        std::lock_guard lock{watchers_mutex_};
-        for (const auto& w : watchers_)
+        std::lock_guard lock{s->watchers_mutex};
+        for (const auto& w : s->watchers)
             if (auto p = w.lock()) targets.push_back(std::move(p));
     }
     // Outside the lock: a watcher may unwatch itself from inside.
@@ -244,7 +282,10 @@ void bucket_impl::notify(bool cancelled)
 
 bool try_acquire_now(bucket_impl& impl, std::size_t n) noexcept
 {
-    return n == 0 || (impl.pending_.load(std::memory_order_relaxed) == 0 && impl.core_.try_take(n, clock_now()));
+    if (n == 0) return true;
+    if (impl.pending_.load(std::memory_order_relaxed) != 0) return false;
+    // An unlimited bucket grants without asking the time (a clock read is half a grant).
+    return impl.core_.is_unlimited() || impl.core_.try_take(n, clock_now());
 }
 
 const asio::any_io_executor& executor_of(const bucket_impl& impl) noexcept { return impl.executor_; }
@@ -258,8 +299,9 @@ void initiate_acquire(const std::shared_ptr<bucket_impl>& impl, acquire_handler 
 } // namespace detail
 
 token_bucket::token_bucket(const executor_type& ex, rate r, std::size_t burst)
-    : impl_(new detail::bucket_impl(ex, r, burst)) // not make_shared: weak references left in
-                                                  // cancellation slots must not pin the memory
+    // One allocation with its control block: a weak reference left in a cancellation slot
+    // pins only the small idle part (the serving state goes with the last strong reference).
+    : impl_(std::make_shared<detail::bucket_impl>(ex, r, burst))
 {
 }
 

@@ -287,3 +287,13 @@ TEST(bucket_core, concurrent_takers_never_exceed_the_tokens)
     EXPECT_EQ(granted.load(), tokens);
     EXPECT_FALSE(b.try_take(1, t0));
 }
+
+TEST(bucket_core, tells_whether_its_rate_is_unlimited)
+{
+    bucket_core b{rate::per_second(10), 1, t0};
+    EXPECT_FALSE(b.is_unlimited());
+    b.set_rate(rate::unlimited(), t0);
+    EXPECT_TRUE(b.is_unlimited());
+    b.set_rate(rate::zero(), t0);
+    EXPECT_FALSE(b.is_unlimited());
+}

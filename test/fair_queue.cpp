@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+using valve::detail::arrival_queue;
 using valve::detail::fair_queue;
 
 namespace {
@@ -12,7 +13,7 @@ namespace {
 std::vector<std::string> serve_all(fair_queue<std::string>& q)
 {
     std::vector<std::string> order;
-    while (auto id = q.next()) order.push_back(q.take(*id, true));
+    while (q.next()) order.push_back(q.take_next());
     return order;
 }
 
@@ -47,11 +48,11 @@ TEST(fair_queue, a_flood_delays_a_newcomer_by_one_turn_at_most)
     std::uint64_t id = 0;
     for (int i = 0; i < 1000; ++i) q.push(++id, 1, i);
     // Two of the flood are served, then the newcomer arrives.
-    q.take(*q.next(), true);
-    q.take(*q.next(), true);
+    q.take_next();
+    q.take_next();
     q.push(++id, 2, -1);
     int position = 0;
-    while (q.take(*q.next(), true) != -1) ++position;
+    while (q.take_next() != -1) ++position;
     EXPECT_LE(position, 1);
 }
 
@@ -62,10 +63,12 @@ TEST(fair_queue, cancelling_keeps_order_and_turns)
     q.push(2, 1, "a1");
     q.push(3, 2, "b0");
     q.push(4, 1, "a2");
-    EXPECT_EQ(q.take(2, false), "a1"); // from the middle of a user's queue
-    EXPECT_EQ(q.take(3, false), "b0"); // a user's only item: the user leaves the ring
-    EXPECT_TRUE(q.contains(4));
-    EXPECT_FALSE(q.contains(3));
+    EXPECT_EQ(q.take(1, 2), "a1"); // from the middle of a user's queue
+    EXPECT_EQ(q.take(2, 3), "b0"); // a user's only item: the user leaves the ring
+    EXPECT_TRUE(q.contains(1, 4));
+    EXPECT_FALSE(q.contains(2, 3));
+    EXPECT_FALSE(q.take(2, 3));    // gone already
+    EXPECT_FALSE(q.take(1, 3));    // not this user's
     EXPECT_EQ(serve_all(q), (std::vector<std::string>{"a0", "a2"}));
 }
 
@@ -75,7 +78,7 @@ TEST(fair_queue, cancelling_the_next_item_does_not_cost_its_user_the_turn)
     q.push(1, 1, "a0");
     q.push(2, 1, "a1");
     q.push(3, 2, "b0");
-    EXPECT_EQ(q.take(1, false), "a0");
+    EXPECT_EQ(q.take(1, 1), "a0");
     EXPECT_EQ(*q.next(), 2u); // still user 1's turn
 }
 
@@ -90,4 +93,67 @@ TEST(fair_queue, drain_empties_everything)
     EXPECT_EQ(seen, (std::vector<int>{10, 20, 30}));
     EXPECT_TRUE(q.empty());
     EXPECT_FALSE(q.next());
+}
+
+TEST(fair_queue, cancelling_the_newest_item_keeps_appending_in_order)
+{
+    fair_queue<std::string> q;
+    q.push(1, 1, "a0");
+    q.push(2, 1, "a1");
+    EXPECT_EQ(q.take(1, 2), "a1"); // the tail
+    q.push(3, 1, "a2");
+    EXPECT_EQ(serve_all(q), (std::vector<std::string>{"a0", "a2"}));
+}
+
+TEST(fair_queue, reused_nodes_and_users_keep_the_order)
+{
+    // Users come and go and items are taken and pushed again many times over (taken nodes
+    // and user entries are reused): the order stays round-robin, first come first served.
+    fair_queue<int> q;
+    std::uint64_t id = 0;
+    for (int round = 0; round < 50; ++round) {
+        const std::uint64_t a = static_cast<std::uint64_t>(round % 3), b = a + 10;
+        for (int i = 0; i < 3; ++i) q.push(++id, a, i);
+        q.push(++id, b, 100);
+        std::vector<int> seen;
+        while (q.next()) seen.push_back(q.take_next());
+        EXPECT_EQ(seen, (std::vector<int>{0, 100, 1, 2}));
+        EXPECT_TRUE(q.empty());
+    }
+}
+
+TEST(arrival_queue, oldest_first_and_removal_by_id_anywhere)
+{
+    arrival_queue<std::string> q;
+    for (std::uint64_t id = 1; id <= 5; ++id) q.push(id * 10, "x" + std::to_string(id));
+    EXPECT_EQ(q.size(), 5u);
+    EXPECT_EQ(q.take(30), "x3"); // from the middle
+    EXPECT_EQ(q.take(10), "x1"); // the oldest
+    EXPECT_FALSE(q.take(30));    // gone already
+    EXPECT_FALSE(q.take(35));    // never there
+    EXPECT_EQ(q.size(), 3u);
+    auto [id, v] = q.pop();
+    EXPECT_EQ(id, 20u);
+    EXPECT_EQ(v, "x2");
+    EXPECT_EQ(q.take(50), "x5"); // the newest
+    q.push(60, "x6");
+    std::vector<std::string> rest;
+    q.drain([&](std::uint64_t, std::string s) { rest.push_back(std::move(s)); });
+    EXPECT_EQ(rest, (std::vector<std::string>{"x4", "x6"}));
+    EXPECT_TRUE(q.empty());
+}
+
+TEST(arrival_queue, an_item_arriving_late_takes_the_place_of_its_id)
+{
+    arrival_queue<int> q;
+    q.push(1, 1);
+    q.push(3, 3);
+    q.push(2, 2); // submitted before 3, arrived after it
+    q.push(4, 4);
+    q.push(6, 6);
+    q.push(5, 5);
+    EXPECT_EQ(q.take(5), 5); // found where its id puts it
+    std::vector<int> order;
+    while (!q.empty()) order.push_back(q.pop().second);
+    EXPECT_EQ(order, (std::vector<int>{1, 2, 3, 4, 6}));
 }

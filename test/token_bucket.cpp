@@ -465,3 +465,101 @@ TEST(token_bucket, many_threads_many_waiters_exact_totals)
     EXPECT_EQ(granted + tried, tokens);
     EXPECT_EQ(granted + aborted, 1200u);
 }
+
+// A bucket makes what serves waiters (strand, timer, waiter map) only when someone first has to
+// wait: everything that may come before must leave that first waiter working.
+
+TEST(token_bucket, first_waiter_after_rate_burst_changes_and_cancel_is_served)
+{
+    asio::io_context ioc;
+    token_bucket b{ioc, rate::zero(), 1};
+    // Nobody has waited yet: none of these has a queue to act on.
+    b.set_rate(rate::per(1, 10s));
+    b.set_burst(2);
+    b.cancel();
+    ASSERT_TRUE(b.try_acquire(1)); // the one token it had (a raised burst keeps what accrued)
+    ASSERT_FALSE(b.try_acquire(1));
+    b.set_rate(rate::per_second(100));
+    result r;
+    const auto start = std::chrono::steady_clock::now();
+    b.async_acquire(1, r.handler());
+    EXPECT_EQ(b.waiters(), 1u);
+    ioc.run();
+    EXPECT_EQ(r.calls, 1);
+    EXPECT_FALSE(r.ec);
+    EXPECT_GE(std::chrono::steady_clock::now() - start, 5ms); // it waited for its token
+    EXPECT_EQ(b.waiters(), 0u);
+}
+
+TEST(token_bucket, first_waiter_can_be_cancelled_and_the_next_replanned)
+{
+    asio::io_context ioc;
+    auto b = drained_frozen(ioc);
+    asio::cancellation_signal sig;
+    result first, second;
+    b.async_acquire(1, asio::bind_cancellation_slot(sig.slot(), first.handler()));
+    b.async_acquire(1, second.handler());
+    ioc.poll();
+    sig.emit(asio::cancellation_type::terminal);
+    ioc.poll();
+    EXPECT_EQ(first.calls, 1);
+    EXPECT_EQ(first.ec, asio::error::operation_aborted);
+    EXPECT_EQ(second.calls, 0);
+    b.set_rate(rate::per_second(1000));
+    ioc.run();
+    EXPECT_EQ(second.calls, 1);
+    EXPECT_FALSE(second.ec);
+}
+
+TEST(token_bucket, waiter_arriving_after_a_bucket_that_never_waited_is_gone_is_aborted)
+{
+    asio::io_context ioc;
+    result r;
+    {
+        auto b = drained_frozen(ioc);
+        auto op = b.async_acquire(1, asio::deferred); // holds the bucket's state, launches later
+        std::move(op)(r.handler());
+        EXPECT_EQ(r.calls, 0);
+    } // closed before the waiter reached a queue that did not exist yet
+    ioc.run();
+    EXPECT_EQ(r.calls, 1);
+    EXPECT_EQ(r.ec, asio::error::operation_aborted);
+
+    result late;
+    std::optional<decltype(std::declval<token_bucket&>().async_acquire(1, asio::deferred))> op;
+    {
+        auto b = drained_frozen(ioc);
+        op.emplace(b.async_acquire(1, asio::deferred));
+    } // closed while nobody had ever waited
+    std::move(*op)(late.handler());
+    ioc.restart();
+    ioc.run();
+    EXPECT_EQ(late.calls, 1);
+    EXPECT_EQ(late.ec, asio::error::operation_aborted);
+}
+
+TEST(token_bucket, first_waiters_from_many_threads_at_once_are_all_served)
+{
+    // Threads race to make the serving state of a fresh bucket; one wins, nobody is lost.
+    asio::io_context ioc;
+    auto guard = asio::make_work_guard(ioc);
+    std::vector<std::thread> runners;
+    for (int i = 0; i < 2; ++i) runners.emplace_back([&] { ioc.run(); });
+    constexpr int per_thread = 50;
+    for (int round = 0; round < 20; ++round) {
+        token_bucket b{ioc, rate::per_second(100'000), 1};
+        ASSERT_TRUE(b.try_acquire());
+        std::atomic<int> granted{0};
+        std::vector<std::thread> users;
+        for (int i = 0; i < 4; ++i)
+            users.emplace_back([&] {
+                for (int k = 0; k < per_thread; ++k) b.async_acquire(1, [&](error_code ec) { granted += !ec; });
+            });
+        for (auto& u : users) u.join();
+        const auto give_up = std::chrono::steady_clock::now() + 30s;
+        while (granted < 4 * per_thread && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
+        EXPECT_EQ(granted.load(), 4 * per_thread);
+    }
+    guard.reset();
+    for (auto& r : runners) r.join();
+}

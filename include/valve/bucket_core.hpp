@@ -10,7 +10,6 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <mutex>
 
 namespace valve {
 
@@ -30,7 +29,8 @@ namespace valve {
 /// Thread safety: every member may be called concurrently from any thread. `try_take`,
 /// `earliest`, `reserve`, `cancel`, `refund` and `available` are lock-free (one atomic word and
 /// a sequence-locked configuration); `set_rate` and `set_burst` serialise among themselves on a
-/// mutex that the other calls take only to re-anchor the epoch, once every 26 days.
+/// mutex (one of a small pool shared by all buckets) that the other calls take only to
+/// re-anchor the epoch, once every 26 days.
 class bucket_core {
 public:
     using clock = std::chrono::steady_clock;
@@ -101,15 +101,19 @@ public:
     /// The burst in force.
     std::size_t burst() const noexcept;
 
+    /// Whether the rate in force is unlimited: every grant succeeds, whatever the time.
+    bool is_unlimited() const noexcept;
+
     /// Tokens in the bucket at `now`: at most `burst()`, negative while reservations are in debt.
     double available(time_point now) const noexcept;
 
 private:
     struct config;
-    // One configuration, read by every call in the fast path; a cache line of its own.
-    // `seq` is a sequence lock: odd while being written, else twice the configuration's
-    // generation, so a reader can tell a consistent, current copy from a recycled one.
-    struct alignas(64) slot {
+    // One configuration, read by every call in the fast path. `seq` is a sequence lock: odd
+    // while being written, else twice the configuration's generation, so a reader can tell a
+    // consistent, current copy from a recycled one. Packed, not cache-line aligned: a bucket
+    // per user must stay small, and every grant reads the state word and its slot together.
+    struct slot {
         std::atomic<std::uint64_t> seq{1};
         std::atomic<std::int64_t> epoch{0};   // ns since the clock's epoch that state times count from
         std::atomic<std::int64_t> cost{1};    // state units per token
@@ -129,13 +133,14 @@ private:
     void reconfigure(const rate* r, const std::size_t* burst, time_point now);
     void rebase(time_point now) noexcept;
 
-    // The state word is written by every grant: alone on its cache line, so that the
-    // configuration readers do not share it.
-    alignas(64) std::atomic<std::uint64_t> state_;
-    static constexpr unsigned slot_count = 4; // a power of two; the sequence locks make reuse safe
+    // The state word, written by every grant.
+    std::atomic<std::uint64_t> state_;
+    // Two slots: a writer fills the one not in force, and the sequence locks make reuse safe
+    // (a reader of a recycled slot retries). A power of two.
+    static constexpr unsigned slot_count = 2;
     std::array<slot, slot_count> slots_;
-    std::mutex writer_;
-    std::uint64_t generation_ = 0; // under writer_
+    // Writers serialise on one of a few mutexes shared by all buckets (see bucket_core.cpp).
+    std::uint64_t generation_ = 0; // under that mutex
 };
 
 } // namespace valve

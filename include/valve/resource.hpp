@@ -37,6 +37,10 @@ public:
 
     /// When `n` tokens could be had by a caller arriving now.
     virtual time_point next_available(std::size_t n) const = 0;
+
+    /// Tokens a caller arriving now could take (the least over all limits); infinity when
+    /// unlimited.
+    virtual double available() const = 0;
 };
 
 /// A resource made of in-process token buckets, taken from all or none: a rate and burst, plus
@@ -51,16 +55,17 @@ public:
     void also_limit(rate r, std::size_t burst);
 
     /// The first bucket: its rate can be changed at run time.
-    token_bucket& primary() noexcept { return *buckets_.front(); }
+    token_bucket& primary() noexcept { return primary_; }
 
     bool try_acquire(std::size_t n) override;
     void async_acquire(std::size_t n, detail::acquire_handler handler) override;
     time_point next_available(std::size_t n) const override;
+    double available() const override;
 
 private:
-    boost::asio::any_io_executor executor_;
-    std::vector<std::unique_ptr<token_bucket>> buckets_;
-    std::unique_ptr<bucket_set> set_; // when there is more than one bucket
+    token_bucket primary_;             // held in place: one allocation less per dedicated limiter
+    std::vector<token_bucket> more_;   // further limits
+    std::unique_ptr<bucket_set> set_;  // when there is more than one bucket
 };
 
 } // namespace valve

@@ -41,12 +41,20 @@ protected:
     ~bucket_watcher() = default;
 };
 
+/// The state behind a `token_bucket`. A bucket that never makes anyone wait is its executor,
+/// its core and two counters: the Asio parts that serve waiters (a strand, a timer, the waiter
+/// map) and the watchers' list are made the first time they are needed, so that a million idle
+/// per-user buckets cost little.
 class bucket_impl : public std::enable_shared_from_this<bucket_impl> {
 public:
     using clock = std::chrono::steady_clock;
     using time_point = clock::time_point;
 
     bucket_impl(const boost::asio::any_io_executor& ex, rate r, std::size_t burst);
+    ~bucket_impl();
+
+    bucket_impl(const bucket_impl&) = delete;
+    bucket_impl& operator=(const bucket_impl&) = delete;
 
     void initiate(acquire_handler handler, std::size_t n, time_point deadline);
     void cancel_all();
@@ -62,9 +70,8 @@ public:
     boost::asio::any_io_executor executor_;
     bucket_core core_;
     // Waiters between initiation and completion (queued, or on their way to the queue); while
-    // any exist, try_acquire says no so that nobody overtakes them. Written only by waiters, so
-    // kept off the lines the fast path reads.
-    alignas(64) std::atomic<std::size_t> pending_{0};
+    // any exist, try_acquire says no so that nobody overtakes them. Written only by waiters.
+    std::atomic<std::size_t> pending_{0};
     // Tokens those waiters ask for, for projections (deadlines, next_available, bucket_set).
     std::atomic<std::size_t> pending_tokens_{0};
 
@@ -77,7 +84,35 @@ private:
     };
     struct cancel_handler;
 
-    // All below: on strand_ only.
+    // What serves waiters, made on first need (see `serving`).
+    struct serving_state {
+        explicit serving_state(const boost::asio::any_io_executor& ex) : strand(boost::asio::make_strand(ex)) {}
+
+        boost::asio::strand<boost::asio::any_io_executor> strand;
+        // On strand only:
+        // Made on first need, so a bucket that never makes anyone wait adds no timer to the
+        // io_context (whose reactor would then run on every turn).
+        std::optional<boost::asio::steady_timer> timer;
+        std::map<std::uint64_t, waiter> queue; // in arrival order; node-based, so handlers never move
+        std::uint64_t timer_generation = 0;
+        time_point planned = time_point::max();
+
+        std::atomic<std::uint64_t> next_id{0};
+        std::mutex watchers_mutex;
+        std::vector<std::weak_ptr<bucket_watcher>> watchers;
+    };
+
+    /// The serving state, made now if nobody made it before; safe from any thread.
+    serving_state& serving();
+    /// The serving state if it was made (else nobody ever waited or watched).
+    /// Sequentially consistent, as is `closed_`: close() stores the flag then looks for the
+    /// state, a first waiter makes the state then reads the flag; one of them sees the other.
+    serving_state* serving_if_made() const noexcept { return serving_.load(); }
+    /// Runs `f(self)` on the strand, if there is one (else no waiter exists to act on).
+    template <class F>
+    void on_strand(F&& f);
+
+    // All below: on the strand only.
     void enqueue(std::uint64_t id, waiter w);
     void on_cancel(std::uint64_t id);
     void pump(time_point cursor);
@@ -86,18 +121,8 @@ private:
     void finish(std::map<std::uint64_t, waiter>::iterator it, boost::system::error_code ec);
     void arm(time_point t);
 
-    alignas(64) boost::asio::strand<boost::asio::any_io_executor> strand_;
-    // Made on first need, so a bucket that never makes anyone wait adds no timer to the
-    // io_context (whose reactor would then run on every turn).
-    std::optional<boost::asio::steady_timer> timer_;
-    std::map<std::uint64_t, waiter> queue_; // in arrival order; node-based, so handlers never move
-    std::atomic<std::uint64_t> next_id_{0};
-    std::uint64_t timer_generation_ = 0;
-    time_point planned_ = time_point::max();
-    bool closed_ = false;
-
-    std::mutex watchers_mutex_;
-    std::vector<std::weak_ptr<bucket_watcher>> watchers_;
+    std::atomic<serving_state*> serving_{nullptr}; // owned; made once, freed by the destructor
+    std::atomic<bool> closed_{false};
 };
 
 } // namespace valve::detail

@@ -3,15 +3,15 @@
 
 // Internal: the order in which a limiter serves queued tasks. Plain code, no I/O, no clock.
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
 #include <iterator>
-#include <list>
-#include <map>
 #include <optional>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 namespace valve::detail {
 
@@ -19,81 +19,296 @@ namespace valve::detail {
 /// within each user's own items: a user with a thousand items queued delays another user's
 /// single item by at most one item of every other user with work.
 ///
-/// Items are named by unique ids; any item can be removed (cancelled) in O(log n) plus the
-/// length of its user's queue.
+/// Items are named by unique ids; an item can be removed (cancelled) by its user and id in the
+/// length of that user's queue. Each user's
+/// items are a linked list of nodes that are kept for reuse (a few of them) once taken, and a
+/// user who leaves the ring leaves its entry for the next newcomer: in a steady flow, queueing
+/// and serving allocate nothing.
+///
+/// `T` must be default-constructible and move-assignable (a taken node keeps a moved-from `T`).
 template <class T>
 class fair_queue {
 public:
-    bool empty() const noexcept { return items_.empty(); }
-    std::size_t size() const noexcept { return items_.size(); }
-    bool contains(std::uint64_t id) const { return items_.count(id) != 0; }
+    fair_queue() = default;
+    fair_queue(const fair_queue&) = delete;
+    fair_queue& operator=(const fair_queue&) = delete;
+
+    ~fair_queue()
+    {
+        for (auto& [user, u] : users_) free_list(u.head);
+        free_list(spare_);
+    }
+
+    bool empty() const noexcept { return size_ == 0; }
+    std::size_t size() const noexcept { return size_; }
+
+    /// Whether `user`'s item `id` is queued.
+    bool contains(std::uint64_t user, std::uint64_t id) const
+    {
+        const auto u = users_.find(user);
+        if (u == users_.end()) return false;
+        for (const node* n = u->second.head; n; n = n->next)
+            if (n->id == id) return true;
+        return false;
+    }
 
     /// Adds `value` as `user`'s newest item. `id` must be new.
     void push(std::uint64_t id, std::uint64_t user, T value)
     {
-        items_.emplace(id, item{user, std::move(value)});
-        auto [it, fresh] = users_.try_emplace(user);
-        it->second.ids.push_back(id);
-        if (fresh) it->second.in_ring = ring_.insert(ring_.end(), user);
+        node* n = make_node(id, std::move(value));
+        user_state& u = find_or_add(user);
+        if (u.tail)
+            u.tail->next = n;
+        else
+            u.head = n;
+        u.tail = n;
+        ++size_;
     }
 
     /// The id of the item to serve next, if any: the oldest item of the user whose turn it is.
     std::optional<std::uint64_t> next() const
     {
-        if (ring_.empty()) return std::nullopt;
-        return users_.at(ring_.front()).ids.front();
+        if (!turn_) return std::nullopt;
+        return turn_->head->id;
     }
 
-    /// Removes and returns item `id`. If it was served (rather than cancelled), its user's
-    /// turn passes to the next user with work.
-    T take(std::uint64_t id, bool served)
+    /// Removes and returns the item `next()` names; its user's turn passes to the next user
+    /// with work. The queue must not be empty.
+    T take_next()
     {
-        auto found = items_.find(id);
-        const std::uint64_t user = found->second.user;
-        T value = std::move(found->second.value);
-        items_.erase(found);
-        auto u = users_.find(user);
-        auto& ids = u->second.ids;
-        if (!ids.empty() && ids.front() == id)
-            ids.pop_front();
+        user_state& u = *turn_;
+        T value = unlink_head(u);
+        if (u.head)
+            turn_ = u.ring_next;
         else
-            for (auto i = ids.begin(); i != ids.end(); ++i)
-                if (*i == id) {
-                    ids.erase(i);
-                    break;
-                }
-        if (ids.empty()) {
-            ring_.erase(u->second.in_ring);
-            users_.erase(u);
-        } else if (served && u->second.in_ring == ring_.begin()) {
-            ring_.splice(ring_.end(), ring_, u->second.in_ring);
-        }
+            leave(u);
         return value;
     }
 
-    /// Removes every item, oldest first within each user, calling `f(id, value)` on each.
+    /// Removes `user`'s item `id` (cancelled, not served: the user keeps its turn), if queued.
+    std::optional<T> take(std::uint64_t user, std::uint64_t id)
+    {
+        const auto found = users_.find(user);
+        if (found == users_.end()) return std::nullopt;
+        user_state& u = found->second;
+        if (u.head->id == id) {
+            std::optional<T> value{unlink_head(u)};
+            if (!u.head) leave(u);
+            return value;
+        }
+        for (node* prev = u.head; prev->next; prev = prev->next) {
+            node* n = prev->next;
+            if (n->id != id) continue;
+            prev->next = n->next;
+            if (u.tail == n) u.tail = prev;
+            --size_;
+            std::optional<T> value{std::move(n->value)};
+            recycle(n);
+            return value;
+        }
+        return std::nullopt;
+    }
+
+    /// Removes every item, oldest (smallest id) first, calling `f(id, value)` on each.
     template <class F>
     void drain(F&& f)
     {
-        while (!items_.empty()) {
-            const std::uint64_t id = items_.begin()->first;
-            f(id, take(id, false));
-        }
+        std::vector<std::pair<std::uint64_t, std::uint64_t>> order; // (id, user)
+        order.reserve(size_);
+        for (const auto& [user, u] : users_)
+            for (const node* n = u.head; n; n = n->next) order.emplace_back(n->id, user);
+        std::sort(order.begin(), order.end());
+        for (const auto& [id, user] : order) f(id, std::move(*take(user, id)));
     }
 
 private:
-    struct item {
-        std::uint64_t user;
+    struct node {
+        std::uint64_t id;
+        node* next;
         T value;
     };
+    // A user with items queued: its items, oldest first, and its place in the ring of turns.
     struct user_state {
-        std::deque<std::uint64_t> ids;
-        std::list<std::uint64_t>::iterator in_ring;
+        node* head = nullptr;
+        node* tail = nullptr;
+        user_state* ring_next = nullptr;
+        user_state* ring_prev = nullptr;
+        std::uint64_t user = 0;
+    };
+    using user_map = std::unordered_map<std::uint64_t, user_state>;
+
+    // Taken nodes kept for reuse, at most this many, so an idle queue holds little.
+    static constexpr std::size_t spare_limit = 16;
+
+    node* make_node(std::uint64_t id, T value)
+    {
+        if (node* n = spare_) {
+            spare_ = n->next;
+            --spare_count_;
+            n->id = id;
+            n->next = nullptr;
+            n->value = std::move(value);
+            return n;
+        }
+        return new node{id, nullptr, std::move(value)};
+    }
+
+    void recycle(node* n) noexcept
+    {
+        if (spare_count_ == spare_limit) {
+            delete n;
+            return;
+        }
+        n->next = spare_;
+        spare_ = n;
+        ++spare_count_;
+    }
+
+    static void free_list(node* n) noexcept
+    {
+        while (n) delete std::exchange(n, n->next);
+    }
+
+    T unlink_head(user_state& u)
+    {
+        node* n = u.head;
+        u.head = n->next;
+        if (!u.head) u.tail = nullptr;
+        --size_;
+        T value = std::move(n->value);
+        recycle(n);
+        return value;
+    }
+
+    user_state& find_or_add(std::uint64_t user)
+    {
+        auto found = users_.find(user);
+        if (found == users_.end()) {
+            if (spare_user_) {
+                spare_user_.key() = user;
+                spare_user_.mapped() = user_state{};
+                found = users_.insert(std::move(spare_user_)).position;
+            } else {
+                found = users_.emplace(user, user_state{}).first;
+            }
+        }
+        user_state& u = found->second;
+        if (!u.ring_next) {
+            u.user = user;
+            join(u);
+        }
+        return u;
+    }
+
+    // A user with new work joins the ring as the last to take a turn.
+    void join(user_state& u) noexcept
+    {
+        if (!turn_) {
+            u.ring_next = u.ring_prev = &u;
+            turn_ = &u;
+            return;
+        }
+        user_state* last = turn_->ring_prev;
+        u.ring_prev = last;
+        u.ring_next = turn_;
+        last->ring_next = &u;
+        turn_->ring_prev = &u;
+    }
+
+    // A user without work leaves the ring; if it had the turn, the next user has it.
+    void leave(user_state& u)
+    {
+        if (u.ring_next == &u) {
+            turn_ = nullptr;
+        } else {
+            u.ring_prev->ring_next = u.ring_next;
+            u.ring_next->ring_prev = u.ring_prev;
+            if (turn_ == &u) turn_ = u.ring_next;
+        }
+        const auto it = users_.find(u.user);
+        // Its map entry is kept for the next newcomer, if none is kept yet.
+        if (!spare_user_)
+            spare_user_ = users_.extract(it);
+        else
+            users_.erase(it);
+    }
+
+    user_map users_;
+    user_state* turn_ = nullptr; // the user whose turn it is; the ring runs on from there
+    std::size_t size_ = 0;
+    node* spare_ = nullptr;
+    std::size_t spare_count_ = 0;
+    typename user_map::node_type spare_user_;
+};
+
+/// Items in the order of their ids (the order they were submitted), any of which can be
+/// removed by id in O(log n): a removed item leaves a hole, dropped when it reaches the front.
+/// Appending and taking the oldest allocate only a block now and then.
+template <class T>
+class arrival_queue {
+public:
+    bool empty() const noexcept { return live_ == 0; }
+    std::size_t size() const noexcept { return live_; }
+
+    /// Adds `value` in the place of its id (which must be new): usually the newest, but an
+    /// item may arrive a little after younger ones.
+    void push(std::uint64_t id, T value)
+    {
+        auto pos = items_.end();
+        while (pos != items_.begin() && std::prev(pos)->id > id) --pos;
+        items_.insert(pos, entry{id, std::move(value), true});
+        ++live_;
+    }
+
+    /// Removes and returns the oldest item and its id. The queue must not be empty.
+    std::pair<std::uint64_t, T> pop()
+    {
+        entry& e = items_.front();
+        std::pair<std::uint64_t, T> oldest{e.id, std::move(e.value)};
+        items_.pop_front();
+        --live_;
+        drop_holes();
+        return oldest;
+    }
+
+    /// Removes item `id`, if queued.
+    std::optional<T> take(std::uint64_t id)
+    {
+        const auto it = std::lower_bound(items_.begin(), items_.end(), id,
+                                         [](const entry& e, std::uint64_t v) { return e.id < v; });
+        if (it == items_.end() || it->id != id || !it->live) return std::nullopt;
+        std::optional<T> value{std::move(it->value)};
+        it->live = false;
+        --live_;
+        drop_holes();
+        return value;
+    }
+
+    /// Removes every item, oldest first, calling `f(id, value)` on each.
+    template <class F>
+    void drain(F&& f)
+    {
+        auto items = std::move(items_);
+        items_.clear();
+        live_ = 0;
+        for (auto& e : items)
+            if (e.live) f(e.id, std::move(e.value));
+    }
+
+private:
+    struct entry {
+        std::uint64_t id;
+        T value;
+        bool live;
     };
 
-    std::map<std::uint64_t, item> items_; // node-based: values never move once queued
-    std::unordered_map<std::uint64_t, user_state> users_;
-    std::list<std::uint64_t> ring_; // users with items, in the order of their turns
+    void drop_holes()
+    {
+        while (!items_.empty() && !items_.front().live) items_.pop_front();
+    }
+
+    std::deque<entry> items_;
+    std::size_t live_ = 0;
 };
 
 } // namespace valve::detail
