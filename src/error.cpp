@@ -32,6 +32,8 @@ public:
             return "a profile of that name is already registered: choose another name";
         case errc::timed_out:
             return "the operation did not complete in the time allowed";
+        case errc::overloaded:
+            return "the upstream is overloaded: slow down and retry later";
         }
         return "unknown valve error";
     }

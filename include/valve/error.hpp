@@ -27,6 +27,9 @@ enum class errc {
     duplicate_profile,
     /// An operation did not complete in the time allowed.
     timed_out,
+    /// The upstream said it is overloaded (an HTTP 429 or 503, say): an adaptive rate lowers
+    /// itself when a task reports this.
+    overloaded,
 };
 
 /// The category of valve's error codes; its `name()` is "valve".
