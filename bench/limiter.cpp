@@ -1,10 +1,13 @@
 // Benchmarks of valve's limiter and manager, each against a baseline measured in the same run:
 //   co_await submit(blocking no-op)  vs  co_await post(pool) and back (the same two hops)
-//   co_await submit(async no-op)     vs  co_await post(own executor) (a coroutine self-post)
+//   co_await submit(async no-op)     vs  co_await post(own executor) (a coroutine self-post),
+//                                        from an uncancellable and from a cancellable coroutine
 //   many submitters through one shared limiter with 2 workers  vs  asio::post to thread_pool(2)
 //   heap per idle dedicated limiter, and after eviction
 #include <valve/valve.hpp>
 
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
@@ -103,6 +106,25 @@ void BM_submit_async_noop(benchmark::State& state)
 }
 BENCHMARK(BM_submit_async_noop)->UseRealTime();
 
+// The same from a coroutine that can be cancelled (its cancellation slot is connected): the
+// task then runs as an operation of its own (co_spawn), not in the submitter's frame.
+void BM_submit_async_noop_cancellable(benchmark::State& state)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto lim = make_limiter(ioc, pool, 1);
+    asio::cancellation_signal never;
+    asio::co_spawn(
+        ioc,
+        [&]() -> asio::awaitable<void> {
+            for (auto _ : state) co_await lim->submit([]() -> asio::awaitable<void> { co_return; });
+        },
+        asio::bind_cancellation_slot(never.slot(), asio::detached));
+    ioc.run();
+    pool.join();
+}
+BENCHMARK(BM_submit_async_noop_cancellable)->UseRealTime();
+
 constexpr int throughput_tasks = 200'000;
 constexpr int submitters = 4;
 
@@ -161,7 +183,7 @@ BENCHMARK(BM_throughput_shared_limiter_2_workers)->Unit(benchmark::kMillisecond)
 
 void BM_idle_dedicated_limiters(benchmark::State& state)
 {
-    constexpr int users = 100'000;
+    constexpr int users = 1'000'000;
     double per_limiter = 0;
     double after_eviction = 0;
     for (auto _ : state) {

@@ -13,9 +13,11 @@
 #include <boost/asio/execution/outstanding_work.hpp>
 #include <boost/asio/prefer.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/container/small_vector.hpp>
 
 #include <atomic>
 #include <map>
+#include <ctime>
 #include <mutex>
 #include <optional>
 #include <utility>
@@ -26,6 +28,24 @@ namespace asio = boost::asio;
 namespace valve {
 
 namespace detail {
+
+namespace {
+
+// steady_clock's own timebase (CLOCK_MONOTONIC) read at tick resolution, for a fraction of
+// the cost of a precise read.
+std::chrono::steady_clock::time_point coarse_now() noexcept
+{
+#if defined(__linux__) && defined(CLOCK_MONOTONIC_COARSE)
+    timespec ts{};
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return std::chrono::steady_clock::time_point{std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+        std::chrono::seconds(ts.tv_sec) + std::chrono::nanoseconds(ts.tv_nsec))};
+#else
+    return std::chrono::steady_clock::now();
+#endif
+}
+
+} // namespace
 
 std::exception_ptr make_exception(boost::system::error_code ec)
 {
@@ -38,39 +58,85 @@ std::exception_ptr make_exception(boost::system::error_code ec)
 /// task from there, with no hop to a strand. Counters for `stats()` are atomics.
 class limiter_core : public std::enable_shared_from_this<limiter_core> {
 public:
-    limiter_core(const asio::any_io_executor& ex, std::shared_ptr<resource> limits, limiter_options options,
-                 const asio::any_io_executor& task_ex, std::shared_ptr<void> keep_alive)
-        : keep_alive_(std::move(keep_alive)), executor_(ex), task_executor_(task_ex), limits_(std::move(limits)),
-          options_(options)
+    using clock = std::chrono::steady_clock;
+
+    limiter_core(std::shared_ptr<const limiter_home> home, std::shared_ptr<resource> limits, limiter_options options)
+        : home_(std::move(home)), limits_(std::move(limits)), options_(options)
     {
     }
 
     void submit(std::uint64_t user, std::unique_ptr<job_base> job)
     {
-        submitted_.fetch_add(1, std::memory_order_relaxed);
-        queued_.fetch_add(1, std::memory_order_relaxed);
-        const std::uint64_t id = next_id_.fetch_add(1, std::memory_order_relaxed);
+        // Counted (and so queued) before it looks at the running count under the lock: see
+        // finished(). One atomic step per submission: the id is the count so far.
+        const std::uint64_t id = submitted_.fetch_add(1);
         // Installed before the job is admitted; a cancellation emitted after this call returns
         // finds the job (or its outcome) under the lock.
         auto slot = job->cancellation_slot();
-        if (slot.is_connected()) slot.template emplace<cancel_handler>(weak_from_this(), id);
-        locked([&] { admit(id, user, std::move(job)); });
+        if (slot.is_connected())
+            slot.template emplace<cancel_handler>(weak_from_this(), user, id, job->forward_cancellation());
+        // Done before the lock, to keep it short: a blocking job runs away from its submitter
+        // in any case, so its executor is kept busy from now.
+        if (job->blocking()) job->keep_busy();
+        job->id = id;
+        job->user = user;
+        const auto now = clock::now();
+        if (std::unique_lock lock{mutex_, std::try_to_lock}; lock) {
+            decide(lock, [&] { admit(std::move(job)); }, now);
+            return;
+        }
+        // The lock is busy: rather than queue up for it, the job joins the inbox, which the
+        // next decision under the lock admits first (in arrival order), and one submitter at a
+        // time waits for the lock to see that it does. A job may wait there on another
+        // thread's decision: its submitter's executor is kept busy meanwhile.
+        job->keep_busy();
+        job->admitted = now;
+        job_base* j = job.release();
+        job_base* head = inbox_.load(std::memory_order_relaxed);
+        do
+            j->next_done = head;
+        while (!inbox_.compare_exchange_weak(head, j)); // sequentially consistent: see below
+        // Whoever sets the flag decides until the inbox stays empty. It clears the flag, then
+        // looks at the inbox again; a submitter pushes, then tries to set the flag: one of the
+        // two sees the other, so no job is left in the inbox with nobody to admit it.
+        while (!admitting_.exchange(true)) {
+            locked([] {});
+            admitting_.store(false);
+            if (inbox_.load() == nullptr) return;
+        }
     }
 
     /// Frees the slot of task `id` and starts what that allows. With `hand_back`, a blocking
     /// job the slot lets start is handed back to run on the calling worker instead of posted.
-    void finished(std::uint64_t id, bool threw, std::unique_ptr<job_base>* hand_back = nullptr)
+    void finished(std::uint64_t id, bool threw, std::unique_ptr<job_base>* hand_back = nullptr,
+                  bool handover_follows = false)
     {
+        if (handover_follows) unsettled_.fetch_add(1); // before the slot is free: see maybe_finish_shutdown()
         (threw ? failed_ : completed_).fetch_add(1, std::memory_order_relaxed);
-        progress();
-        locked([&] {
-            stoppable_.erase(id);
-            --running_;
-            running_count_.fetch_sub(1, std::memory_order_relaxed);
-            hand_back_ = hand_back;
-            pump();
-            hand_back_ = nullptr;
-        });
+        // A progress stamp needs no precision: a coarse read of the same clock, kept only if it
+        // moves the stamp forward (the start's precise stamp may be later).
+        const std::int64_t stamp = coarse_now().time_since_epoch().count();
+        if (stamp > last_progress_.load(std::memory_order_relaxed))
+            last_progress_.store(stamp, std::memory_order_relaxed);
+        // The slot is freed before anything is looked at, and a submitter counts itself queued
+        // before it looks at the running count: one of the two sees the other, so with nothing
+        // queued (and no shutdown waiting for the count to reach zero, no stop source to drop)
+        // the lock is not needed.
+        running_.fetch_sub(1);
+        if (queued() == 0 && attention_.load() == 0) return;
+        locked(
+            [&] {
+                if (seldom_ && seldom_->stoppable.erase(id) != 0) attention_.fetch_sub(1);
+                pending_->hand_back = hand_back;
+                pump();
+            },
+            clock::now());
+    }
+
+    /// The outcome of a job that finished with `handover_follows` has been handed over.
+    void handed_over()
+    {
+        if (unsettled_.fetch_sub(1) == 1) after_handover();
     }
 
     void shutdown(acquire_handler handler, std::chrono::nanoseconds grace)
@@ -85,7 +151,7 @@ public:
         locked([&] {
             closing_ = true;
             abort_all(asio::error::operation_aborted);
-            for (auto& [id, stop] : stoppable_) pending_.stop.push_back(stop);
+            ask_running_to_stop();
         });
     }
 
@@ -108,65 +174,115 @@ public:
         return st;
     }
 
-    std::size_t queued() const noexcept { return queued_.load(std::memory_order_relaxed); }
-    std::size_t running() const noexcept { return running_count_.load(std::memory_order_relaxed); }
+    /// Delivers the outcome of a blocking job that has run. Completions bound for the limiter's
+    /// executor go out in batches: the first of a batch posts one operation there, and those
+    /// that finish before it runs join it. Under load that is one post (and one wake-up of the
+    /// submitters' thread) for many tasks; alone, a completion goes out at once as before.
+    void deliver(std::unique_ptr<job_base> job)
+    {
+        if (!job->completes_on(home_->executor)) return job->deliver_outcome();
+        job_base* j = job.release();
+        job_base* head = done_.load(std::memory_order_relaxed);
+        do
+            j->next_done = head;
+        while (!done_.compare_exchange_weak(head, j, std::memory_order_release, std::memory_order_relaxed));
+        if (head == nullptr)
+            asio::post(home_->executor, [self = shared_from_this()] { self->complete_done(); });
+    }
 
-private:
-    // First, so it is destroyed last: the executors below may point into it (a thread pool).
-    std::shared_ptr<void> keep_alive_;
+    ~limiter_core()
+    {
+        // Outcomes whose batch was never run (its executor was destroyed first).
+        for (job_base* j = done_.exchange(nullptr); j;) delete std::exchange(j, j->next_done);
+        for (job_base* j = inbox_.exchange(nullptr); j;) delete std::exchange(j, j->next_done);
+    }
+
+    /// Submitted and neither started nor dropped yet. Read without the lock, `left_` may be
+    /// behind: the count errs high, never low. (Read first, it counts only submissions that
+    /// the later read of `submitted_` counts too.)
+    std::size_t queued() const noexcept
+    {
+        const std::uint64_t left = left_.load(std::memory_order_acquire);
+        return static_cast<std::size_t>(submitted_.load() - left);
+    }
+    std::size_t running() const noexcept { return running_.load(std::memory_order_relaxed); }
+    resource& limits() const noexcept { return *limits_; }
 
 public:
-    asio::any_io_executor executor_;
-    asio::any_io_executor task_executor_;
+    // First, so it is destroyed last: its executors may point into what it keeps alive.
+    std::shared_ptr<const limiter_home> home_;
 
 private:
     using job_ptr = std::unique_ptr<job_base>;
+    // An admitted job with what the decisions about it need, so that starting it does not
+    // touch the job itself under the lock (in a backlog it was written long ago, by another
+    // thread: a cache miss the lock would be held across).
+    struct entry {
+        job_ptr job; // empty: no job
+        std::uint64_t id = 0;
+        clock::time_point admitted{}; // the epoch if it did not queue
+        bool blocking = false;
+        bool stoppable = false;
+    };
     struct parked {
         std::uint64_t user;
-        job_ptr job;
+        entry e;
     };
 
     struct cancel_handler {
-        cancel_handler(std::weak_ptr<limiter_core> c, std::uint64_t i) : core(std::move(c)), id(i) {}
+        cancel_handler(std::weak_ptr<limiter_core> c, std::uint64_t u, std::uint64_t i,
+                       std::shared_ptr<task_cancellation> f)
+            : core(std::move(c)), user(u), id(i), forward(std::move(f))
+        {
+        }
 
         std::weak_ptr<limiter_core> core;
+        std::uint64_t user;
         std::uint64_t id;
+        std::shared_ptr<task_cancellation> forward; // an async task's
 
         void operator()(asio::cancellation_type type) const
         {
             if (!cancels_waiting(type)) return; // a running task is asked to stop, see cancel()
             // Runs on the emitting thread; the lock serialises it with everything else.
-            if (auto c = core.lock()) c->locked([&] { c->cancel(id); });
+            if (auto c = core.lock()) c->locked([&] { c->cancel(user, id); });
+            // A running async task hears it too, outside the lock (its handlers are user code),
+            // on this thread: the submitter's, where the task runs.
+            if (forward && forward->running.load()) forward->signal.emit(type);
         }
     };
 
     // Tasks admitted and not yet running: the fair queue plus the one waiting for its token.
-    std::size_t admitted() const noexcept { return queue_.size() + (waiting_ ? 1 : 0); }
+    std::size_t admitted() const noexcept { return queue_.size() + (waiting_.job ? 1 : 0); }
 
-    void admit(std::uint64_t id, std::uint64_t user, job_ptr job)
+    void admit(job_ptr job)
     {
-        if (closing_ || shutting_down_) return drop(std::move(job), errc::shutting_down);
-        job->id = id;
+        if (closing_ || shutdown_) return drop(std::move(job), errc::shutting_down);
+        const std::uint64_t id = job->id, user = job->user;
+        entry e{nullptr, id, job->admitted, job->blocking(), job->stoppable()};
         // Nobody waiting, a free slot and a token at hand: start at once, without queueing.
-        if (queue_.empty() && !waiting_ && running_ < options_.concurrency && limits_->try_acquire(1))
-            return start(std::move(job));
-        job->admitted = std::chrono::steady_clock::now();
+        if (queue_.empty() && !waiting_.job && running_.load() < options_.concurrency && limits_->try_acquire(1)) {
+            e.job = std::move(job);
+            return start(std::move(e));
+        }
+        if (e.admitted == clock::time_point{}) e.admitted = pending_->now;
         job->keep_busy();
+        e.job = std::move(job);
         if (admitted() < options_.queue_capacity) {
-            queue_.push(id, user, std::move(job));
+            queue_.push(id, user, std::move(e));
             pump();
         } else if (options_.on_queue_full == queue_full_policy::wait) {
-            overflow_.emplace(id, parked{user, std::move(job)});
+            seldom().overflow.push(id, parked{user, std::move(e)});
         } else {
-            drop(std::move(job), errc::queue_full);
+            drop(std::move(e.job), errc::queue_full);
         }
     }
 
     void drop(job_ptr job, boost::system::error_code ec)
     {
-        queued_.fetch_sub(1, std::memory_order_relaxed);
+        left_.store(left_.load(std::memory_order_relaxed) + 1, std::memory_order_release); // under the lock
         (ec == asio::error::operation_aborted ? cancelled_ : rejected_).fetch_add(1, std::memory_order_relaxed);
-        pending_.drop.emplace_back(std::move(job), ec);
+        pending_->drop.emplace_back(std::move(job), ec);
     }
 
     static void add_time(std::atomic<std::int64_t>& total, std::atomic<std::int64_t>& max, std::int64_t ns)
@@ -176,55 +292,52 @@ private:
         if (ns > max.load(std::memory_order_relaxed)) max.store(ns, std::memory_order_relaxed);
     }
 
-    void progress() noexcept
-    {
-        last_progress_.store(std::chrono::steady_clock::now().time_since_epoch().count(), std::memory_order_relaxed);
-    }
 
-    void cancel(std::uint64_t id)
+    void cancel(std::uint64_t user, std::uint64_t id)
     {
-        if (waiting_ && waiting_->first == id) {
+        if (waiting_.job && waiting_.id == id) {
             // Waiting for its token: stop that wait; its completion (operation_aborted) drops
             // the job.
             cancel_waiting_ = true;
             acquire_cancel_.emit(asio::cancellation_type::terminal);
-        } else if (queue_.contains(id)) {
-            drop(queue_.take(id, false), asio::error::operation_aborted);
+        } else if (auto queued = queue_.take(user, id)) {
+            drop(std::move(queued->job), asio::error::operation_aborted);
             refill();
-        } else if (const auto it = overflow_.find(id); it != overflow_.end()) {
-            job_ptr job = std::move(it->second.job);
-            overflow_.erase(it);
-            drop(std::move(job), asio::error::operation_aborted);
-        } else if (const auto r = stoppable_.find(id); r != stoppable_.end()) {
-            pending_.stop.push_back(r->second); // running: ask it to stop
+        } else if (!seldom_) {
+            return;
+        } else if (auto room = seldom_->overflow.take(id)) {
+            drop(std::move(room->e.job), asio::error::operation_aborted);
+        } else if (const auto r = seldom_->stoppable.find(id); r != seldom_->stoppable.end()) {
+            pending_->stop.push_back(r->second); // running: ask it to stop
         }
     }
 
     // Admits tasks waiting for room, oldest first.
     void refill()
     {
-        while (!overflow_.empty() && admitted() < options_.queue_capacity) {
-            auto node = overflow_.extract(overflow_.begin());
-            queue_.push(node.key(), node.mapped().user, std::move(node.mapped().job));
+        if (!seldom_) return;
+        auto& overflow = seldom_->overflow;
+        while (!overflow.empty() && admitted() < options_.queue_capacity) {
+            auto [id, p] = overflow.pop();
+            queue_.push(id, p.user, std::move(p.e));
         }
     }
 
     void pump()
     {
-        while (!closing_ && !queue_.empty() && running_ < options_.concurrency && !waiting_) {
-            const std::uint64_t id = *queue_.next();
+        while (!closing_ && !queue_.empty() && running_.load() < options_.concurrency && !waiting_.job) {
             if (limits_->try_acquire(1)) {
-                start(queue_.take(id, true));
+                start(queue_.take_next());
                 continue;
             }
             // The next task waits for its token; nothing else may start before it.
-            waiting_.emplace(id, queue_.take(id, true));
-            waiting_since_ = std::chrono::steady_clock::now();
+            waiting_ = queue_.take_next();
+            waiting_since_ = pending_->now;
             cancel_waiting_ = false;
             limits_->async_acquire(
                 1, asio::bind_cancellation_slot(
                        acquire_cancel_.slot(),
-                       asio::bind_executor(executor_, [self = shared_from_this()](boost::system::error_code ec) {
+                       asio::bind_executor(home_->executor, [self = shared_from_this()](boost::system::error_code ec) {
                            self->locked([&] { self->on_token(ec); });
                        })));
             return;
@@ -234,75 +347,89 @@ private:
 
     void on_token(boost::system::error_code ec)
     {
-        job_ptr job = std::move(waiting_->second);
-        waiting_.reset();
+        entry e = std::exchange(waiting_, entry{});
         add_time(token_ns_total_, token_ns_max_,
-                 std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - waiting_since_)
+                 std::chrono::duration_cast<std::chrono::nanoseconds>(pending_->now - waiting_since_)
                      .count());
         if (cancel_waiting_) {
             // A token granted just before the cancellation landed is not returned: the resource
             // has no way to take it back exactly.
-            drop(std::move(job), asio::error::operation_aborted);
+            drop(std::move(e.job), asio::error::operation_aborted);
             refill();
         } else if (ec) {
             // The resource refused (a burst lowered below one token, or the bucket cancelled):
             // the task cannot run.
-            drop(std::move(job), ec);
+            drop(std::move(e.job), ec);
             refill();
         } else {
-            start(std::move(job));
+            start(std::move(e));
         }
         pump();
     }
 
-    void start(job_ptr job)
+    void start(entry e)
     {
         refill();
-        const auto now = std::chrono::steady_clock::now();
-        if (job->admitted != std::chrono::steady_clock::time_point{}) // it queued
+        const auto now = pending_->now;
+        if (e.admitted != clock::time_point{}) // it queued
             add_time(queue_ns_total_, queue_ns_max_,
-                     std::chrono::duration_cast<std::chrono::nanoseconds>(now - job->admitted).count());
+                     std::chrono::duration_cast<std::chrono::nanoseconds>(now - e.admitted).count());
         last_progress_.store(now.time_since_epoch().count(), std::memory_order_relaxed);
-        ++running_;
-        running_count_.fetch_add(1, std::memory_order_relaxed);
-        queued_.fetch_sub(1, std::memory_order_relaxed);
-        if (auto stop = job->stop_source()) stoppable_.emplace(job->id, std::move(*stop));
-        if (hand_back_ && !*hand_back_ && job->blocking()) {
-            *hand_back_ = std::move(job); // the finishing worker runs it next
+        running_.fetch_add(1);
+        left_.store(left_.load(std::memory_order_relaxed) + 1, std::memory_order_release); // under the lock
+        if (e.stoppable) {
+            seldom().stoppable.emplace(e.id, *e.job->stop_source());
+            attention_.fetch_add(1); // its finish must take the lock to drop it
+        }
+        if (job_ptr* hand_back = pending_->hand_back; hand_back && !*hand_back && e.blocking) {
+            *hand_back = std::move(e.job); // the finishing worker runs it next
             return;
         }
-        pending_.start.push_back(std::move(job));
+        pending_->start.push_back(std::move(e.job));
+    }
+
+    void abort_overflow(boost::system::error_code ec)
+    {
+        if (!seldom_) return;
+        seldom_->overflow.drain([&](std::uint64_t, parked p) { drop(std::move(p.e.job), ec); });
+    }
+
+    void ask_running_to_stop()
+    {
+        if (!seldom_) return;
+        for (auto& [id, stop] : seldom_->stoppable) pending_->stop.push_back(stop);
     }
 
     void abort_all(boost::system::error_code ec)
     {
-        if (waiting_) {
+        if (waiting_.job) {
             cancel_waiting_ = true;
             acquire_cancel_.emit(asio::cancellation_type::terminal);
         }
-        for (auto& [id, p] : overflow_) drop(std::move(p.job), ec);
-        overflow_.clear();
-        queue_.drain([&](std::uint64_t, job_ptr job) { drop(std::move(job), ec); });
+        abort_overflow(ec);
+        queue_.drain([&](std::uint64_t, entry e) { drop(std::move(e.job), ec); });
     }
 
     void begin_shutdown(acquire_handler handler, std::chrono::nanoseconds grace)
     {
-        shutting_down_ = true;
+        const bool first = !shutdown_;
+        if (first) {
+            shutdown_ = std::make_unique<shutdown_state>(home_->executor);
+            attention_.fetch_add(1); // before maybe_finish_shutdown() looks at the running count
+        }
         // The waiter's executor keeps running until the shutdown is delivered there.
-        shutdown_work_.push_back(asio::prefer(asio::get_associated_executor(handler, executor_),
-                                              asio::execution::outstanding_work.tracked));
-        shutdown_waiters_.push_back(std::move(handler));
+        shutdown_->work.push_back(asio::prefer(asio::get_associated_executor(handler, home_->executor),
+                                               asio::execution::outstanding_work.tracked));
+        shutdown_->waiters.push_back(std::move(handler));
         // Nothing new is admitted: those waiting for room are refused now.
-        for (auto& [id, p] : overflow_) drop(std::move(p.job), errc::shutting_down);
-        overflow_.clear();
-        if (!grace_timer_) {
-            grace_timer_ = std::make_unique<asio::steady_timer>(executor_);
-            grace_timer_->expires_after(grace);
-            grace_timer_->async_wait([self = shared_from_this()](boost::system::error_code ec) {
+        abort_overflow(errc::shutting_down);
+        if (first) {
+            shutdown_->grace_timer.expires_after(grace);
+            shutdown_->grace_timer.async_wait([self = shared_from_this()](boost::system::error_code ec) {
                 if (ec) return;
                 self->locked([&] {
                     self->abort_all(asio::error::operation_aborted);
-                    for (auto& [id, stop] : self->stoppable_) self->pending_.stop.push_back(stop);
+                    self->ask_running_to_stop();
                     self->maybe_finish_shutdown();
                 });
             });
@@ -312,66 +439,166 @@ private:
 
     void maybe_finish_shutdown()
     {
-        if (!shutting_down_ || !queue_.empty() || !overflow_.empty() || running_ != 0 || waiting_) return;
-        if (grace_timer_) grace_timer_->cancel();
-        for (auto& h : shutdown_waiters_) pending_.done.push_back(std::move(h));
-        shutdown_waiters_.clear();
-        pending_.released_work.swap(shutdown_work_); // released after the completions are posted
+        if (!shutdown_ || !queue_.empty() || (seldom_ && !seldom_->overflow.empty()) || running_.load() != 0
+            || waiting_.job)
+            return;
+        // Every outcome is handed over first, so that the shutdown's completion, posted after
+        // them, never overtakes one: on a one-thread io_context each submitter has heard by the
+        // time the shutdown's waiter runs. (Read in this order: a worker hands its job over,
+        // then frees its slot; a batch counts itself, then takes the finished jobs.)
+        if (done_.load() != nullptr || batches_.load() != 0 || unsettled_.load() != 0) return;
+        shutdown_->grace_timer.cancel();
+        // Move-constructed one by one (never assigned: see STYLE.md on any_completion_handler).
+        for (auto& h : shutdown_->waiters) pending_->done.emplace_back(std::move(h));
+        shutdown_->waiters.clear();
+        // Released after the completions are posted.
+        for (auto& w : shutdown_->work) pending_->released_work.push_back(std::move(w));
+        shutdown_->work.clear();
     }
 
     // What a decision under the lock leaves to do after it: nothing that runs user code
     // (a task's start, a stop callback, a callable's destructor) runs while the lock is held.
+    // On the deciding thread's stack, with room in place for a typical decision's effects: a
+    // decision costs no allocation.
     struct actions {
-        std::vector<job_ptr> start;
-        std::vector<std::pair<job_ptr, boost::system::error_code>> drop;
+        boost::container::small_vector<job_ptr, 2> start;
+        boost::container::small_vector<std::pair<job_ptr, boost::system::error_code>, 1> drop;
         std::vector<std::stop_source> stop;
         std::vector<acquire_handler> done;
         std::vector<asio::any_completion_executor> released_work;
+        // And what the decision is given: its time, read before the lock (for the
+        // statistics), and where a finishing worker wants a blocking job it may run next.
+        clock::time_point now{};
+        job_ptr* hand_back = nullptr;
     };
 
+    // `now` is read before the lock, to keep it short: the decision's time for the statistics.
     template <class F>
-    void locked(F&& decide)
+    void locked(F&& decision, clock::time_point now = clock::now())
+    {
+        std::unique_lock lock{mutex_};
+        decide(lock, decision, now);
+    }
+
+    // Admits what waits in the inbox, then makes the decision, under `lock`; then carries out
+    // its effects without it.
+    template <class F>
+    void decide(std::unique_lock<std::mutex>& lock, F&& decision, clock::time_point now)
     {
         actions todo;
-        {
-            std::lock_guard lock{mutex_};
-            decide();
-            todo = std::exchange(pending_, actions{});
-        }
+        todo.now = now;
+        pending_ = &todo;
+        admit_inbox();
+        decision();
+        pending_ = nullptr;
+        // Refusals are handed over after the lock: until they are, no shutdown completes.
+        const std::size_t refused = todo.drop.size();
+        if (refused != 0) unsettled_.fetch_add(refused);
+        lock.unlock();
         for (auto& source : todo.stop) source.request_stop();
         for (auto& [job, ec] : todo.drop) job->abort(ec);
         for (auto& job : todo.start) {
             job_base* raw = job.get();
-            raw->run(std::move(job), shared_from_this());
+            raw->run(std::move(job), *this);
         }
-        for (auto& h : todo.done) asio::post(executor_, asio::append(std::move(h), boost::system::error_code{}));
+        for (auto& h : todo.done) asio::post(home_->executor, asio::append(std::move(h), boost::system::error_code{}));
         todo.released_work.clear();
+        if (refused != 0 && unsettled_.fetch_sub(refused) == refused) after_handover();
+    }
+
+    // Outcomes have been handed over: a shutdown that waited only for them may now complete.
+    void after_handover()
+    {
+        if (attention_.load() != 0) locked([&] { maybe_finish_shutdown(); });
     }
 
     std::mutex mutex_;
     std::shared_ptr<resource> limits_;
     limiter_options options_;
 
-    fair_queue<job_ptr> queue_;                  // admitted: round-robin between users, FIFO within
-    std::map<std::uint64_t, parked> overflow_;   // waiting for room (queue_full_policy::wait)
-    std::optional<std::pair<std::uint64_t, job_ptr>> waiting_; // the next task, waiting for its token
+    fair_queue<entry> queue_; // admitted: round-robin between users, FIFO within
+    entry waiting_;           // the next task, waiting for its token (if its job is set)
     bool cancel_waiting_ = false;
     asio::cancellation_signal acquire_cancel_;
-    std::size_t running_ = 0;
-    bool shutting_down_ = false;
     bool closing_ = false;
-    std::unique_ptr<asio::steady_timer> grace_timer_; // made only on shutdown
-    std::vector<acquire_handler> shutdown_waiters_;
-    std::vector<asio::any_completion_executor> shutdown_work_;
+    struct shutdown_state {
+        explicit shutdown_state(const asio::any_io_executor& ex) : grace_timer(ex) {}
+        asio::steady_timer grace_timer;
+        std::vector<acquire_handler> waiters;
+        std::vector<asio::any_completion_executor> work;
+    };
+    std::unique_ptr<shutdown_state> shutdown_; // made by the first async_shutdown: shutting down
 
     std::chrono::steady_clock::time_point waiting_since_{};
-    std::map<std::uint64_t, std::stop_source> stoppable_; // running tasks that take a stop_token
-    job_ptr* hand_back_ = nullptr; // set while a finishing worker asks for its next job
-    actions pending_;              // filled under the lock, carried out after it
+    void admit_inbox()
+    {
+        job_base* fifo = nullptr;
+        for (job_base* j = inbox_.exchange(nullptr); j;) {
+            job_base* next = j->next_done;
+            j->next_done = fifo;
+            fifo = j;
+            j = next;
+        }
+        while (fifo) admit(job_ptr{std::exchange(fifo, fifo->next_done)});
+    }
 
-    std::atomic<std::uint64_t> next_id_{0};
-    std::atomic<std::size_t> queued_{0};
-    std::atomic<std::size_t> running_count_{0};
+    // On the limiter's executor: completes the batch of finished jobs, oldest first.
+    void complete_done()
+    {
+        batches_.fetch_add(1);
+        job_base* fifo = nullptr;
+        for (job_base* j = done_.exchange(nullptr, std::memory_order_acquire); j;) {
+            job_base* next = j->next_done;
+            j->next_done = fifo;
+            fifo = j;
+            j = next;
+        }
+        while (fifo) {
+            job_ptr job{fifo};
+            fifo = fifo->next_done;
+            try {
+                job->complete_outcome();
+            } catch (...) {
+                // A handler threw (out of the io_context's run(), as Asio lets it): the rest of
+                // the batch still goes out.
+                while (fifo) deliver(job_ptr{std::exchange(fifo, fifo->next_done)});
+                batches_.fetch_sub(1);
+                after_handover();
+                throw;
+            }
+        }
+        batches_.fetch_sub(1);
+        after_handover();
+    }
+
+    // Seldom needed, so made on first need: a million idle limiters do not pay for it.
+    struct seldom_state {
+        arrival_queue<parked> overflow;                       // waiting for room (queue_full_policy::wait)
+        std::map<std::uint64_t, std::stop_source> stoppable; // running tasks that take a stop_token
+    };
+    seldom_state& seldom()
+    {
+        if (!seldom_) seldom_ = std::make_unique<seldom_state>();
+        return *seldom_;
+    }
+    std::unique_ptr<seldom_state> seldom_;
+    actions* pending_ = nullptr; // the decision under way: filled under the lock, carried out after it
+
+    // Changed under the lock, except that a finishing task frees its slot without it.
+    std::atomic<std::size_t> running_{0};
+    // Submissions that have started or been dropped: written under the lock only.
+    std::atomic<std::uint64_t> left_{0};
+    // Reasons a finishing task must take the lock even with nothing queued: a shutdown in
+    // progress (the count may now reach zero) and running tasks with stop sources to drop.
+    std::atomic<std::size_t> attention_{0};
+    // Finished blocking jobs waiting for their batch to run (a stack; see deliver()).
+    std::atomic<job_base*> done_{nullptr};
+    // Batches of finished jobs being completed, and refusals decided but not yet handed over:
+    // a shutdown completes only once both are zero (see maybe_finish_shutdown()).
+    std::atomic<std::size_t> batches_{0}, unsettled_{0};
+    // Submitted jobs waiting for a decision while the lock was busy (a stack; see submit()).
+    std::atomic<job_base*> inbox_{nullptr};
+    std::atomic<bool> admitting_{false};
     // Statistics: relaxed counters, read by stats() from any thread.
     std::atomic<std::uint64_t> submitted_{0}, rejected_{0}, completed_{0}, failed_{0}, cancelled_{0};
     std::atomic<std::int64_t> queue_ns_total_{0}, queue_ns_max_{0}, token_ns_total_{0}, token_ns_max_{0};
@@ -383,10 +610,16 @@ void limiter_submit(const std::shared_ptr<limiter_core>& core, std::uint64_t use
     core->submit(user, std::move(job));
 }
 
-void limiter_finished(const std::shared_ptr<limiter_core>& core, std::uint64_t id, bool threw)
+void limiter_finished(limiter_core& core, std::uint64_t id, bool threw) { core.finished(id, threw); }
+
+void limiter_finished_before_handover(limiter_core& core, std::uint64_t id, bool threw)
 {
-    core->finished(id, threw);
+    core.finished(id, threw, nullptr, true);
 }
+
+void limiter_handed_over(limiter_core& core) { core.handed_over(); }
+
+std::shared_ptr<limiter_core> limiter_share(limiter_core& core) { return core.shared_from_this(); }
 
 void run_blocking(std::unique_ptr<job_base> job, std::shared_ptr<limiter_core> core)
 {
@@ -395,27 +628,36 @@ void run_blocking(std::unique_ptr<job_base> job, std::shared_ptr<limiter_core> c
     constexpr int chain = 16;
     for (int n = 0; job; ++n) {
         const bool threw = job->execute();
-        // The finished job keeps its submitter's executor busy until the bookkeeping (which may
-        // post a shutdown's completion there) is done.
+        // Handed to its submitter before the slot is freed: a shutdown waits for the running
+        // count to reach zero, and its completion must not overtake this one.
+        const std::uint64_t id = job->id;
+        core->deliver(std::move(job));
         std::unique_ptr<job_base> next;
-        core->finished(job->id, threw, &next);
+        core->finished(id, threw, &next);
         job = std::move(next);
         if (job && n + 1 == chain) {
             job_base* raw = job.get();
-            raw->run(std::move(job), std::move(core)); // posted: back of the pool's queue
+            raw->run(std::move(job), *core); // posted: back of the pool's queue
             return;
         }
     }
 }
 
-const asio::any_io_executor& limiter_executor(const limiter_core& core) noexcept { return core.executor_; }
+const asio::any_io_executor& limiter_executor(const limiter_core& core) noexcept { return core.home_->executor; }
 
-const asio::any_io_executor& limiter_task_executor(const limiter_core& core) noexcept { return core.task_executor_; }
+const asio::any_io_executor& limiter_task_executor(const limiter_core& core) noexcept { return core.home_->task_executor; }
 
 } // namespace detail
 
 limiter::limiter(const executor_type& ex, std::shared_ptr<resource> limits, limiter_options options,
                  const executor_type& task_ex, std::shared_ptr<void> keep_alive)
+    : limiter(std::make_shared<const detail::limiter_home>(std::move(keep_alive), ex, task_ex), std::move(limits),
+              options)
+{
+}
+
+limiter::limiter(std::shared_ptr<const detail::limiter_home> home, std::shared_ptr<resource> limits,
+                 limiter_options options)
 {
     if (!limits) detail::throw_error(errc::invalid_argument, "valve: a limiter needs a resource to limit by");
     if (options.concurrency == 0)
@@ -424,7 +666,7 @@ limiter::limiter(const executor_type& ex, std::shared_ptr<resource> limits, limi
         detail::throw_error(errc::invalid_argument,
                             "valve: a zero-capacity queue with queue_full_policy::wait would never admit a task: "
                             "give the queue room or use queue_full_policy::reject");
-    core_ = std::make_shared<detail::limiter_core>(ex, std::move(limits), options, task_ex, std::move(keep_alive));
+    core_ = std::make_shared<detail::limiter_core>(std::move(home), std::move(limits), options);
 }
 
 limiter::limiter(std::shared_ptr<detail::limiter_core> core, std::uint64_t user)
@@ -442,7 +684,7 @@ std::shared_ptr<limiter> limiter::for_user(std::uint64_t user) const
     return std::shared_ptr<limiter>(new limiter(core_, user));
 }
 
-limiter::executor_type limiter::get_executor() const noexcept { return core_->executor_; }
+limiter::executor_type limiter::get_executor() const noexcept { return core_->home_->executor; }
 
 std::size_t limiter::queued() const noexcept { return core_->queued(); }
 
@@ -451,6 +693,28 @@ limiter_stats limiter::stats() const noexcept { return core_->stats(); }
 void limiter::cancel() { core_->close(); }
 
 std::size_t limiter::running() const noexcept { return core_->running(); }
+
+namespace detail {
+
+std::chrono::steady_clock::time_point limiter_next_available(const limiter_core& core)
+{
+    return core.limits().next_available(1);
+}
+
+void throw_past_deadline()
+{
+    throw_error(errc::would_exceed_deadline,
+                "limiter::submit: the limiter's next token comes after the deadline; give a later deadline or "
+                "try again later");
+}
+
+} // namespace detail
+
+double limiter::available() const { return core_->limits().available(); }
+
+resource& limiter::limits() const noexcept { return core_->limits(); }
+
+std::chrono::steady_clock::time_point limiter::next_available() const { return detail::limiter_next_available(*core_); }
 
 void limiter::shutdown_initiation::operator()(detail::acquire_handler handler,
                                               const std::shared_ptr<detail::limiter_core>& core,

@@ -59,6 +59,8 @@ struct profile {
     profile_config config;
     limiter_options options;
     std::shared_ptr<asio::thread_pool> pool; // when not run_on
+    // Where the profile's limiters run, one for all of them (made with the first).
+    std::shared_ptr<const limiter_home> home;
     asio::any_io_executor task_executor;
     std::shared_ptr<resource> shared_limits; // shared profiles
     std::shared_ptr<limiter> shared_limiter; // shared profiles
@@ -67,7 +69,25 @@ struct profile {
         std::chrono::steady_clock::time_point last_used;
     };
     std::unordered_map<std::string, user> users; // dedicated profiles
+    limiter_stats retired;                       // the counters of evicted limiters
 };
+
+// Adds `st` into `sum`: counters and totals add up, maxima are maxima.
+void accumulate(limiter_stats& sum, const limiter_stats& st)
+{
+    sum.submitted += st.submitted;
+    sum.rejected += st.rejected;
+    sum.completed += st.completed;
+    sum.failed += st.failed;
+    sum.cancelled += st.cancelled;
+    sum.queued += st.queued;
+    sum.running += st.running;
+    sum.queue_time_total += st.queue_time_total;
+    sum.queue_time_max = std::max(sum.queue_time_max, st.queue_time_max);
+    sum.token_wait_total += st.token_wait_total;
+    sum.token_wait_max = std::max(sum.token_wait_max, st.token_wait_max);
+    sum.last_progress = std::max(sum.last_progress, st.last_progress);
+}
 
 class manager_state : public std::enable_shared_from_this<manager_state> {
 public:
@@ -129,9 +149,12 @@ public:
     {
         // The limiter keeps alive the threads its executors point into, should it outlive the
         // manager (its user still holds it): the profile's pool and the manager's own thread.
-        auto keep = std::make_shared<std::pair<std::shared_ptr<asio::thread_pool>, std::shared_ptr<asio::thread_pool>>>(
-            p.pool, own_thread);
-        return std::make_shared<limiter>(executor, std::move(limits), p.options, p.task_executor, std::move(keep));
+        if (!p.home) {
+            auto keep = std::make_shared<std::pair<std::shared_ptr<asio::thread_pool>, std::shared_ptr<asio::thread_pool>>>(
+                p.pool, own_thread);
+            p.home = std::make_shared<const limiter_home>(std::move(keep), executor, p.task_executor);
+        }
+        return std::make_shared<limiter>(p.home, std::move(limits), p.options);
     }
 
     std::shared_ptr<resource> make_resource(const rate& r, std::size_t burst, const profile_config& c)
@@ -173,6 +196,7 @@ public:
                 // Only the manager holds it, nothing is queued or running, and it has rested.
                 if (u.lim.use_count() == 1 && u.lim->queued() == 0 && u.lim->running() == 0
                     && now - std::max(u.last_used, u.lim->stats().last_progress) >= *p->config.idle) {
+                    accumulate(p->retired, u.lim->stats()); // counters only grow
                     dropped.push_back(std::move(it->second.lim));
                     it = p->users.erase(it);
                 } else {
@@ -325,27 +349,52 @@ std::shared_ptr<limiter> manager::get_limiter(std::string_view profile_name, std
 limiter_stats manager::stats() const
 {
     std::vector<std::shared_ptr<limiter>> limiters;
+    limiter_stats sum;
     {
         std::lock_guard lock{state_->mutex};
         limiters = state_->all_limiters();
+        for (const auto& [name, p] : state_->profiles) detail::accumulate(sum, p->retired);
     }
-    limiter_stats sum;
-    for (const auto& l : limiters) {
-        const limiter_stats st = l->stats();
-        sum.submitted += st.submitted;
-        sum.rejected += st.rejected;
-        sum.completed += st.completed;
-        sum.failed += st.failed;
-        sum.cancelled += st.cancelled;
-        sum.queued += st.queued;
-        sum.running += st.running;
-        sum.queue_time_total += st.queue_time_total;
-        sum.queue_time_max = std::max(sum.queue_time_max, st.queue_time_max);
-        sum.token_wait_total += st.token_wait_total;
-        sum.token_wait_max = std::max(sum.token_wait_max, st.token_wait_max);
-        sum.last_progress = std::max(sum.last_progress, st.last_progress);
-    }
+    for (const auto& l : limiters) detail::accumulate(sum, l->stats());
     return sum;
+}
+
+limiter_stats manager::stats(std::string_view profile_name) const
+{
+    std::vector<std::shared_ptr<limiter>> limiters;
+    limiter_stats sum;
+    {
+        std::lock_guard lock{state_->mutex};
+        const auto found = state_->profiles.find(profile_name);
+        if (found == state_->profiles.end())
+            detail::throw_error(errc::unknown_profile, "manager::stats: no profile \"" + std::string{profile_name} +
+                                                   "\" is registered");
+        const auto& p = *found->second;
+        sum = p.retired;
+        if (p.shared_limiter) limiters.push_back(p.shared_limiter);
+        for (const auto& [user, u] : p.users) limiters.push_back(u.lim);
+    }
+    for (const auto& l : limiters) detail::accumulate(sum, l->stats());
+    return sum;
+}
+
+void manager::set_rate(std::string_view profile_name, rate r)
+{
+    const std::string where = "manager::set_rate(\"" + std::string{profile_name} + "\")";
+    if (const auto ec = validate(r))
+        detail::throw_error(errc::invalid_argument, where + ": " + to_string(r) + " is not a usable rate");
+    auto primary = [](resource& res) -> token_bucket& { return static_cast<bucket_resource&>(res).primary(); };
+    std::lock_guard lock{state_->mutex};
+    const auto found = state_->profiles.find(profile_name);
+    if (found == state_->profiles.end())
+        detail::throw_error(errc::unknown_profile, where + ": no profile of that name is registered");
+    auto& p = *found->second;
+    if (p.shared_limits) {
+        primary(*p.shared_limits).set_rate(r);
+        return;
+    }
+    p.config.dedicated->limit = r;
+    for (auto& [user, u] : p.users) primary(u.lim->limits()).set_rate(r);
 }
 
 void manager::warn_on_stall(std::chrono::nanoseconds after)

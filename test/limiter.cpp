@@ -11,6 +11,7 @@
 #include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/redirect_error.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -23,6 +24,7 @@
 #include <chrono>
 #include <future>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -566,4 +568,272 @@ TEST(limiter, a_pending_shutdown_keeps_its_executor_running_until_it_completes)
     EXPECT_TRUE(shut);
     pool.join();
     other.run();
+}
+
+// `submit` runs an async task in the submitter's own coroutine when nothing can cancel that
+// coroutine, and as an operation of its own otherwise. Both must keep every promise.
+
+namespace {
+
+// Spawns `f` on `ioc` either detached (nothing can cancel it) or with a cancellation slot
+// connected (a signal that the caller may emit, or not).
+template <class F>
+void spawn(asio::io_context& ioc, bool cancellable, asio::cancellation_signal& sig, F f)
+{
+    if (cancellable)
+        asio::co_spawn(ioc, std::move(f), asio::bind_cancellation_slot(sig.slot(), asio::detached));
+    else
+        asio::co_spawn(ioc, std::move(f), asio::detached);
+}
+
+} // namespace
+
+TEST(limiter, async_tasks_keep_to_the_concurrency_whoever_submits_them)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{.concurrency = 2},
+                                         pool.get_executor());
+    int running = 0, most = 0, done = 0;
+    std::vector<asio::cancellation_signal> sigs(8);
+    for (int i = 0; i < 8; ++i)
+        spawn(ioc, i % 2 == 0, sigs[i], [&, i]() -> asio::awaitable<void> {
+            const int r = co_await lim->submit([&, i]() -> asio::awaitable<int> {
+                most = std::max(most, ++running);
+                asio::steady_timer t{ioc, 2ms};
+                co_await t.async_wait(asio::use_awaitable);
+                --running;
+                co_return i;
+            });
+            done += r == i;
+        });
+    ioc.run();
+    EXPECT_EQ(done, 8);
+    EXPECT_EQ(most, 2);
+    EXPECT_EQ(lim->stats().completed, 8u);
+    EXPECT_EQ(lim->running(), 0u);
+    pool.join();
+}
+
+TEST(limiter, an_async_task_that_throws_frees_its_slot_whoever_submits_it)
+{
+    for (const bool cancellable : {false, true}) {
+        asio::io_context ioc;
+        asio::thread_pool pool{1};
+        auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{.concurrency = 1},
+                                             pool.get_executor());
+        asio::cancellation_signal sig;
+        std::string caught;
+        int after = 0;
+        spawn(ioc, cancellable, sig, [&]() -> asio::awaitable<void> {
+            try {
+                co_await lim->submit([&]() -> asio::awaitable<void> {
+                    co_await asio::post(ioc, asio::use_awaitable); // it has started, then fails
+                    throw std::runtime_error("upstream 503");
+                });
+            } catch (const std::runtime_error& e) {
+                caught = e.what();
+            }
+            after = co_await lim->submit([]() -> asio::awaitable<int> { co_return 7; });
+        });
+        ioc.run();
+        EXPECT_EQ(caught, "upstream 503");
+        EXPECT_EQ(after, 7);
+        EXPECT_EQ(lim->stats().failed, 1u);
+        EXPECT_EQ(lim->stats().completed, 1u);
+        pool.join();
+    }
+}
+
+TEST(limiter, a_cancelled_submitter_cancels_its_running_async_task)
+{
+    using namespace asio::experimental::awaitable_operators;
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{}, pool.get_executor());
+    error_code inner = asio::error::would_block;
+    std::optional<std::size_t> winner;
+    asio::co_spawn(
+        ioc,
+        [&]() -> asio::awaitable<void> {
+            asio::steady_timer timeout{ioc, 5ms};
+            auto v = co_await (lim->submit([&]() -> asio::awaitable<void> {
+                asio::steady_timer t{ioc, 1h};
+                co_await t.async_wait(asio::redirect_error(asio::use_awaitable, inner));
+            }) || timeout.async_wait(asio::use_awaitable));
+            winner = v.index();
+        },
+        asio::detached);
+    const auto start = std::chrono::steady_clock::now();
+    ioc.run();
+    ASSERT_TRUE(winner);
+    EXPECT_EQ(*winner, 1u); // the timeout won
+    EXPECT_EQ(inner, asio::error::operation_aborted) << "the running task's wait did not hear the cancellation";
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 30s);
+    EXPECT_EQ(lim->stats().completed, 1u);
+    pool.join();
+}
+
+TEST(limiter, a_queued_async_task_is_aborted_by_cancel_whoever_submits_it)
+{
+    for (const bool cancellable : {false, true}) {
+        asio::io_context ioc;
+        asio::thread_pool pool{1};
+        auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{.concurrency = 1},
+                                             pool.get_executor());
+        asio::cancellation_signal s1, s2;
+        bool first_done = false, second_ran = false;
+        error_code second = valve::errc::timed_out;
+        spawn(ioc, cancellable, s1, [&]() -> asio::awaitable<void> {
+            co_await lim->submit([&]() -> asio::awaitable<void> {
+                asio::steady_timer t{ioc, 20ms};
+                co_await t.async_wait(asio::use_awaitable);
+            });
+            first_done = true;
+        });
+        spawn(ioc, cancellable, s2, [&]() -> asio::awaitable<void> {
+            try {
+                co_await lim->submit([&]() -> asio::awaitable<void> {
+                    second_ran = true;
+                    co_return;
+                });
+                second = {};
+            } catch (const boost::system::system_error& e) {
+                second = e.code();
+            }
+        });
+        ioc.poll(); // the first runs, the second waits in the queue
+        EXPECT_EQ(lim->queued(), 1u);
+        lim->cancel();
+        ioc.run();
+        EXPECT_TRUE(first_done);
+        EXPECT_FALSE(second_ran);
+        EXPECT_EQ(second, asio::error::operation_aborted);
+        pool.join();
+    }
+}
+
+TEST(limiter, shutdown_asks_a_running_async_task_with_a_stop_token_to_stop)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{}, pool.get_executor());
+    bool stopped = false;
+    error_code shut = valve::errc::timed_out;
+    asio::co_spawn(
+        ioc,
+        [&]() -> asio::awaitable<void> {
+            stopped = co_await lim->submit([&](std::stop_token st) -> asio::awaitable<bool> {
+                asio::steady_timer t{ioc};
+                while (!st.stop_requested()) {
+                    t.expires_after(1ms);
+                    co_await t.async_wait(asio::use_awaitable);
+                }
+                co_return true;
+            });
+        },
+        asio::detached);
+    ioc.poll();
+    lim->async_shutdown(10ms, [&](error_code ec) { shut = ec; });
+    ioc.run();
+    EXPECT_TRUE(stopped);
+    EXPECT_FALSE(shut);
+    EXPECT_EQ(lim->running(), 0u);
+    pool.join();
+}
+
+TEST(limiter, many_submitters_racing_for_the_lock_lose_no_task)
+{
+    // Four threads submit at once to a limiter whose queue is mostly full (they wait for room),
+    // cancelling some: submissions that find the lock busy go through the inbox and may reach
+    // the waiting room out of order. Each completes exactly once, runs at most once (exactly
+    // when told it succeeded), and never more than `concurrency` run at a time.
+    constexpr int per_thread = 2000;
+    constexpr int threads = 4;
+    constexpr int total = threads * per_thread;
+    asio::io_context ioc;
+    auto guard = asio::make_work_guard(ioc);
+    std::thread io([&] { ioc.run(); });
+    asio::thread_pool pool{3};
+    auto lim = std::make_shared<limiter>(
+        ioc.get_executor(), unlimited(ioc),
+        limiter_options{.concurrency = 2, .queue_capacity = 16, .on_queue_full = valve::queue_full_policy::wait},
+        pool.get_executor());
+    std::vector<std::atomic<int>> runs(total), completions(total);
+    std::vector<error_code> outcome(total);
+    std::vector<asio::cancellation_signal> signals(total);
+    std::atomic<int> running{0}, most{0}, done{0};
+    auto submitter = [&](int t) {
+        auto mine = lim->for_user(static_cast<std::uint64_t>(t));
+        for (int i = t * per_thread; i < (t + 1) * per_thread; ++i) {
+            mine->async_submit(
+                [&, i] {
+                    const int now = ++running;
+                    int seen = most.load();
+                    while (now > seen && !most.compare_exchange_weak(seen, now)) {
+                    }
+                    ++runs[i];
+                    --running;
+                },
+                asio::bind_cancellation_slot(signals[i].slot(), [&, i](std::exception_ptr e) {
+                    outcome[i] = code_of(e); // on the io thread, one at a time
+                    ++completions[i];
+                    ++done;
+                }));
+            if (i % 7 == 0) signals[i].emit(asio::cancellation_type::terminal);
+        }
+    };
+    std::vector<std::thread> subs;
+    for (int t = 0; t < threads; ++t) subs.emplace_back(submitter, t);
+    for (auto& s : subs) s.join();
+    const auto give_up = std::chrono::steady_clock::now() + 60s;
+    while (done < total && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
+    guard.reset();
+    io.join();
+    pool.join();
+    EXPECT_EQ(done.load(), total);
+    EXPECT_LE(most.load(), 2);
+    int ran = 0;
+    for (int i = 0; i < total; ++i) {
+        ASSERT_EQ(completions[i].load(), 1) << "task " << i;
+        ASSERT_LE(runs[i].load(), 1) << "task " << i;
+        ASSERT_EQ(runs[i].load() == 1, !outcome[i]) << "task " << i;
+        if (outcome[i]) {
+            ASSERT_EQ(outcome[i], asio::error::operation_aborted) << "task " << i;
+        }
+        ran += runs[i].load();
+    }
+    EXPECT_GT(ran, total / 2);
+    const auto st = lim->stats();
+    EXPECT_EQ(st.submitted, static_cast<std::uint64_t>(total));
+    EXPECT_EQ(st.completed + st.cancelled, static_cast<std::uint64_t>(total));
+    EXPECT_EQ(st.queued, 0u);
+    EXPECT_EQ(st.running, 0u);
+}
+
+TEST(limiter, every_submitter_hears_before_the_shutdown_completes)
+{
+    // Workers finish tasks, and the grace timer aborts the backlog, while the shutdown waits:
+    // on a one-thread io_context every submitter's handler has run when the shutdown's does.
+    // (A handler that stops the io_context must not strand anyone.) Repeated, as the
+    // interleavings differ from run to run.
+    for (int round = 0; round < 200; ++round) {
+        asio::io_context ioc;
+        asio::thread_pool pool{2};
+        auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::per_second(20000), 4);
+        auto lim = std::make_shared<limiter>(ioc.get_executor(), limits,
+                                             limiter_options{.concurrency = 2, .queue_capacity = 64},
+                                             pool.get_executor());
+        constexpr int tasks = 24;
+        int heard = 0;
+        for (int i = 0; i < tasks; ++i) lim->async_submit([] {}, [&](std::exception_ptr) { ++heard; });
+        int heard_at_shutdown = -1;
+        lim->async_shutdown(std::chrono::microseconds(round % 5 * 100), [&](error_code) {
+            heard_at_shutdown = heard;
+            ioc.stop();
+        });
+        ioc.run();
+        ASSERT_EQ(heard_at_shutdown, tasks) << "round " << round;
+        pool.join();
+    }
 }

@@ -1,22 +1,29 @@
 #ifndef VALVE_LIMITER_HPP
 #define VALVE_LIMITER_HPP
 
+#include <valve/detail/awaitable_traits.hpp>
 #include <valve/resource.hpp>
+#include <valve/timeout.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/append.hpp>
 #include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/execution/outstanding_work.hpp>
+#include <boost/asio/io_context.hpp>
 #include <boost/asio/prefer.hpp>
+#include <boost/asio/recycling_allocator.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/system/error_code.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -78,13 +85,47 @@ namespace detail {
 
 class limiter_core;
 
+/// Where a limiter runs: its executor, the executor of its blocking tasks, and what keeps the
+/// latter's threads alive. The limiters a manager makes for one profile share one.
+struct limiter_home {
+    limiter_home(std::shared_ptr<void> keep, const boost::asio::any_io_executor& ex,
+                 const boost::asio::any_io_executor& task_ex)
+        : keep_alive(std::move(keep)), executor(ex), task_executor(task_ex)
+    {
+    }
+
+    std::shared_ptr<void> keep_alive; // first, so it is destroyed last
+    boost::asio::any_io_executor executor;
+    boost::asio::any_io_executor task_executor;
+};
+
+/// Carries a submitter's cancellation into its running async task: the task's coroutine
+/// watches `signal`, which the submitter's cancellation handler emits while `running`.
+struct task_cancellation {
+    boost::asio::cancellation_signal signal;
+    std::atomic<bool> running{false};
+};
+
 /// One submitted task, type-erased for the queue. Exactly one of `run` or `abort` is called.
 class job_base {
 public:
     virtual ~job_base() = default;
-    /// Starts the task; the job must call `limiter_finished(core, threw)` once it has completed
-    /// its submitter.
-    virtual void run(std::unique_ptr<job_base> self, std::shared_ptr<limiter_core> core) = 0;
+
+    // A job comes and goes with every task: its memory is recycled by the thread that frees
+    // it, as Asio recycles its own operations'.
+    static void* operator new(std::size_t size)
+    {
+        return boost::asio::recycling_allocator<std::max_align_t>().allocate(blocks(size));
+    }
+    static void operator delete(void* p, std::size_t size) noexcept
+    {
+        boost::asio::recycling_allocator<std::max_align_t>().deallocate(static_cast<std::max_align_t*>(p),
+                                                                         blocks(size));
+    }
+
+    /// Starts the task; the job must call `limiter_finished(core, id, threw)` once it has
+    /// completed its submitter (and hold a share of `core` until then: `limiter_share`).
+    virtual void run(std::unique_ptr<job_base> self, limiter_core& core) = 0;
     /// The task will never run: completes its submitter with `ec`.
     virtual void abort(boost::system::error_code ec) = 0;
     /// The submitter's cancellation slot (empty if none).
@@ -93,37 +134,54 @@ public:
     /// Keeps the submitter's executor from running out of work until the job is destroyed.
     virtual void keep_busy() = 0;
 
-    /// A blocking job: runs the task here and now and completes its submitter (posted);
-    /// returns whether the task threw.
+    /// A blocking job: runs the task here and now and keeps its outcome for `deliver` or
+    /// `complete`; returns whether the task threw.
     virtual bool execute() = 0;
     virtual bool blocking() const noexcept = 0;
+    /// After `execute`: posts the outcome to the submitter's handler.
+    virtual void deliver_outcome() {}
+    /// After `execute`, on the handler's associated executor: completes the handler now.
+    virtual void complete_outcome() {}
+    /// Whether the handler's associated executor is `ex` (so that a batch of completions
+    /// posted to `ex` may complete it).
+    virtual bool completes_on(const boost::asio::any_io_executor& ex) const = 0;
+
+    /// Links jobs in the limiter's lock-free lists: submitted while its lock was busy, or
+    /// finished and waiting for their batch of completions.
+    job_base* next_done = nullptr;
 
     /// A stop source the task watches (it takes a `std::stop_token`), if any.
     virtual std::optional<std::stop_source> stop_source() { return std::nullopt; }
+    /// For an async task whose submitter can cancel: what carries that cancellation into the
+    /// task once it runs (made on the first call).
+    virtual std::shared_ptr<task_cancellation> forward_cancellation() { return nullptr; }
+    /// Whether it has one.
+    virtual bool stoppable() const noexcept { return false; }
 
-    /// When the limiter admitted it, and its id there.
+    /// When the limiter admitted it, its id there, and whose task it is.
     std::chrono::steady_clock::time_point admitted{};
     std::uint64_t id = 0;
+    std::uint64_t user = 0;
+private:
+    static constexpr std::size_t blocks(std::size_t size) noexcept
+    {
+        return (size + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t);
+    }
 };
 
 void limiter_submit(const std::shared_ptr<limiter_core>& core, std::uint64_t user, std::unique_ptr<job_base> job);
-void limiter_finished(const std::shared_ptr<limiter_core>& core, std::uint64_t id, bool threw);
+void limiter_finished(limiter_core& core, std::uint64_t id, bool threw);
+/// As `limiter_finished`, for a job that completes its submitter just after: it then calls
+/// `limiter_handed_over`, and no shutdown completes in between.
+void limiter_finished_before_handover(limiter_core& core, std::uint64_t id, bool threw);
+void limiter_handed_over(limiter_core& core);
+std::shared_ptr<limiter_core> limiter_share(limiter_core& core);
 /// Runs a blocking job on the current (task executor's) thread, then the limiter's next
 /// blocking jobs, a bounded number, before returning the thread to its pool.
 void run_blocking(std::unique_ptr<job_base> job, std::shared_ptr<limiter_core> core);
 const boost::asio::any_io_executor& limiter_executor(const limiter_core& core) noexcept;
 const boost::asio::any_io_executor& limiter_task_executor(const limiter_core& core) noexcept;
 std::exception_ptr make_exception(boost::system::error_code ec);
-
-template <class T>
-struct awaitable_value {
-    static constexpr bool is_awaitable = false;
-};
-template <class T, class Executor>
-struct awaitable_value<boost::asio::awaitable<T, Executor>> {
-    static constexpr bool is_awaitable = true;
-    using type = T;
-};
 
 template <class R>
 struct completion_of {
@@ -155,32 +213,129 @@ struct task_traits {
     using signature = typename completion_of<result>::type;
 };
 
-template <class F, class Handler>
-class job final : public job_base {
-    using traits = task_traits<F>;
-    using result = typename traits::result;
+/// A task that `limiter::submit` may run in the submitter's own coroutine: it returns an
+/// `asio::awaitable<T>` on `any_io_executor`, as `use_awaitable` coroutines do.
+template <class F>
+inline constexpr bool runs_in_submitter =
+    task_traits<F>::is_async
+    && std::is_same_v<typename task_traits<F>::returned, boost::asio::awaitable<typename task_traits<F>::result>>;
 
-public:
-    job(F f, Handler h, const boost::asio::any_io_executor& fallback)
-        : f_(std::move(f)), handler_(std::move(h)), fallback_(fallback)
+/// `task`, noting in `*started` that the limiter let it start (`submit_or` tells a refusal
+/// from the task's own failure by it). Takes a `std::stop_token` when `Task` does.
+template <class Task>
+struct flagged_task {
+    Task task;
+    bool* started;
+
+    decltype(auto) operator()()
+        requires std::is_invocable_v<Task&>
     {
+        *started = true;
+        return std::invoke(task);
     }
+    decltype(auto) operator()(std::stop_token stop)
+        requires std::is_invocable_v<Task&, std::stop_token>
+    {
+        *started = true;
+        return std::invoke(task, std::move(stop));
+    }
+};
+
+/// The next free time of a limiter's resource (for `submit` with a deadline).
+std::chrono::steady_clock::time_point limiter_next_available(const limiter_core& core);
+[[noreturn]] void throw_past_deadline();
+
+/// What every job keeps of its submitter: the completion handler, as it is (no type
+/// erasure), and the limiter's executor for a handler without one of its own (it lives in the
+/// limiter's home, which outlives every job).
+template <class Handler>
+class job_for : public job_base {
+public:
+    job_for(Handler h, const boost::asio::any_io_executor& fallback) : handler_(std::move(h)), fallback_(&fallback) {}
 
     void keep_busy() override
     {
-        if (!work_)
-            work_.emplace(boost::asio::prefer(boost::asio::get_associated_executor(handler_, fallback_),
-                                              boost::asio::execution::outstanding_work.tracked));
+        namespace asio = boost::asio;
+        if (work_ || io_work_) return;
+        auto ex = executor();
+        if constexpr (std::is_same_v<decltype(ex), asio::any_io_executor>) {
+            // The common case, an io_context behind the erased executor: tracked directly, one
+            // atomic increment, without going through the erased executor's properties.
+            if (const auto* io = ex.template target<asio::io_context::executor_type>()) {
+                io_work_.emplace(asio::prefer(*io, asio::execution::outstanding_work.tracked));
+                return;
+            }
+        }
+        work_.emplace(asio::prefer(ex, asio::execution::outstanding_work.tracked));
     }
 
-    void run(std::unique_ptr<job_base> self, std::shared_ptr<limiter_core> core) override
+    boost::asio::cancellation_slot cancellation_slot() noexcept override
+    {
+        return boost::asio::get_associated_cancellation_slot(handler_);
+    }
+
+    bool completes_on(const boost::asio::any_io_executor& ex) const override
+    {
+        if constexpr (std::is_same_v<boost::asio::associated_executor_t<Handler, boost::asio::any_io_executor>,
+                                     boost::asio::any_io_executor>)
+            return executor() == ex;
+        else
+            return false;
+    }
+
+protected:
+    auto executor() const { return boost::asio::get_associated_executor(handler_, *fallback_); }
+
+    // From a foreign thread: posted to the handler's executor.
+    template <class... Args>
+    void deliver(Args&&... args)
+    {
+        namespace asio = boost::asio;
+        auto ex = executor(); // before the handler moves
+        asio::post(ex, asio::append(std::move(handler_), std::forward<Args>(args)...));
+    }
+
+    // Already on the handler's executor (the coroutine's completion): dispatched.
+    template <class... Args>
+    void complete(Args&&... args)
+    {
+        namespace asio = boost::asio;
+        auto ex = executor(); // before the handler moves
+        asio::dispatch(ex, asio::append(std::move(handler_), std::forward<Args>(args)...));
+    }
+
+    Handler handler_;
+    const boost::asio::any_io_executor* fallback_;
+    // The submitter's executor has work while the job waits or runs away from it: its
+    // io_context keeps running while a task is queued or away on the pool. (An async task
+    // running on it keeps it busy by itself.)
+    std::optional<std::decay_t<decltype(boost::asio::prefer(
+        std::declval<boost::asio::associated_executor_t<Handler, boost::asio::any_io_executor>>(),
+        boost::asio::execution::outstanding_work.tracked))>>
+        work_;
+    std::optional<std::decay_t<decltype(boost::asio::prefer(std::declval<boost::asio::io_context::executor_type>(),
+                                                            boost::asio::execution::outstanding_work.tracked))>>
+        io_work_;
+};
+
+template <class F, class Handler>
+class job final : public job_for<Handler> {
+    using traits = task_traits<F>;
+    using result = typename traits::result;
+    using base = job_for<Handler>;
+
+public:
+    job(F f, Handler h, const boost::asio::any_io_executor& fallback) : base(std::move(h), fallback), f_(std::move(f))
+    {
+    }
+
+    void run(std::unique_ptr<job_base> self, limiter_core& core) override
     {
         namespace asio = boost::asio;
         auto* me = static_cast<job*>(self.release());
         std::unique_ptr<job> owned{me};
         if constexpr (traits::is_async) {
             // Async work does not block: it runs on the submitter's executor, no thread hop.
-            auto ex = asio::get_associated_executor(me->handler_, me->fallback_);
             std::optional<decltype(me->invoke())> work;
             try {
                 work.emplace(me->invoke()); // a callable that throws before its coroutine starts
@@ -193,20 +348,29 @@ public:
                 limiter_finished(core, job_id, true);
                 return;
             }
-            asio::co_spawn(ex, std::move(*work),
-                           [owned = std::move(owned), core = std::move(core)](std::exception_ptr e, auto... r) mutable {
-                               // The slot is free before the submitter resumes, so its next
-                               // submission can start at once.
-                               limiter_finished(core, owned->id, static_cast<bool>(e));
-                               owned->complete(std::move(e), std::move(r)...);
-                           });
+            auto done = [owned = std::move(owned), core = limiter_share(core)](std::exception_ptr e, auto... r) mutable {
+                if (owned->forward_) owned->forward_->running.store(false);
+                // The slot is free before the submitter resumes, so its next submission can
+                // start at once.
+                limiter_finished_before_handover(*core, owned->id, static_cast<bool>(e));
+                owned->complete(std::move(e), std::move(r)...);
+                limiter_handed_over(*core);
+            };
+            if (auto forward = me->forward_) {
+                // The submitter's cancellation reaches the running task's coroutine.
+                forward->running.store(true);
+                asio::co_spawn(me->executor(), std::move(*work),
+                               asio::bind_cancellation_slot(forward->signal.slot(), std::move(done)));
+            } else {
+                asio::co_spawn(me->executor(), std::move(*work), std::move(done));
+            }
         } else {
             // Blocking work runs on the task executor (the profile's pool): one hop there, and
             // one back to the submitter's executor. The worker then runs the limiter's next
             // blocking tasks itself, a few per wake-up, instead of posting each.
             me->keep_busy();
-            const asio::any_io_executor task_ex = limiter_task_executor(*core);
-            asio::post(task_ex, [owned = std::move(owned), core = std::move(core)]() mutable {
+            const asio::any_io_executor& task_ex = limiter_task_executor(core);
+            asio::post(task_ex, [owned = std::move(owned), core = limiter_share(core)]() mutable {
                 run_blocking(std::move(owned), std::move(core));
             });
         }
@@ -216,28 +380,37 @@ public:
     {
         if constexpr (traits::is_async) {
             return false; // never called: async jobs are spawned, not executed
-        } else if constexpr (std::is_void_v<result>) {
-            std::exception_ptr e;
-            try {
-                invoke();
-            } catch (...) {
-                e = std::current_exception();
-            }
-            const bool threw = static_cast<bool>(e);
-            deliver(std::move(e));
-            return threw;
         } else {
-            std::exception_ptr e;
-            result r{};
             try {
-                r = invoke();
+                if constexpr (std::is_void_v<result>)
+                    invoke();
+                else
+                    outcome_.value = invoke();
             } catch (...) {
-                e = std::current_exception();
+                outcome_.error = std::current_exception();
             }
-            const bool threw = static_cast<bool>(e);
-            deliver(std::move(e), std::move(r));
-            return threw;
+            return static_cast<bool>(outcome_.error);
         }
+    }
+
+    void deliver_outcome() override
+    {
+        if constexpr (traits::is_async)
+            return; // never called: async jobs complete from their coroutine
+        else if constexpr (std::is_void_v<result>)
+            this->deliver(std::move(outcome_.error));
+        else
+            this->deliver(std::move(outcome_.error), std::move(outcome_.value));
+    }
+
+    void complete_outcome() override
+    {
+        if constexpr (traits::is_async)
+            return;
+        else if constexpr (std::is_void_v<result>)
+            std::move(this->handler_)(std::move(outcome_.error));
+        else
+            std::move(this->handler_)(std::move(outcome_.error), std::move(outcome_.value));
     }
 
     bool blocking() const noexcept override { return !traits::is_async; }
@@ -245,14 +418,9 @@ public:
     void abort(boost::system::error_code ec) override
     {
         if constexpr (std::is_void_v<result>)
-            deliver(make_exception(ec));
+            this->deliver(make_exception(ec));
         else
-            deliver(make_exception(ec), result{});
-    }
-
-    boost::asio::cancellation_slot cancellation_slot() noexcept override
-    {
-        return boost::asio::get_associated_cancellation_slot(handler_);
+            this->deliver(make_exception(ec), result{});
     }
 
     std::optional<std::stop_source> stop_source() override
@@ -261,6 +429,18 @@ public:
             return stop_;
         else
             return std::nullopt;
+    }
+
+    bool stoppable() const noexcept override { return traits::stoppable; }
+
+    std::shared_ptr<task_cancellation> forward_cancellation() override
+    {
+        if constexpr (traits::is_async) {
+            if (!forward_) forward_ = std::make_shared<task_cancellation>();
+            return forward_;
+        } else {
+            return nullptr;
+        }
     }
 
 private:
@@ -272,35 +452,73 @@ private:
             return std::invoke(f_);
     }
 
-    // From a foreign thread: posted to the handler's executor.
-    template <class... Args>
-    void deliver(Args&&... args)
-    {
-        namespace asio = boost::asio;
-        auto ex = asio::get_associated_executor(handler_, fallback_);
-        asio::post(ex, asio::append(std::move(handler_), std::forward<Args>(args)...));
-    }
-
-    // Already on the handler's executor (the coroutine's completion): dispatched.
-    template <class... Args>
-    void complete(Args&&... args)
-    {
-        namespace asio = boost::asio;
-        auto ex = asio::get_associated_executor(handler_, fallback_);
-        asio::dispatch(ex, asio::append(std::move(handler_), std::forward<Args>(args)...));
-    }
+    // What a blocking task did, kept from `execute` to its delivery.
+    struct outcome_void {
+        std::exception_ptr error;
+    };
+    struct outcome_value {
+        std::exception_ptr error;
+        std::conditional_t<traits::is_async || std::is_void_v<result>, int, result> value{};
+    };
 
     F f_;
-    Handler handler_;
+    std::shared_ptr<task_cancellation> forward_; // async tasks whose submitter can cancel
     [[no_unique_address]] std::conditional_t<traits::stoppable, std::stop_source, std::monostate> stop_;
-    boost::asio::any_io_executor fallback_;
-    // The submitter's executor has work while the job waits or runs away from it: its
-    // io_context keeps running while a task is queued or away on the pool. (An async task
-    // running on it keeps it busy by itself.)
-    std::optional<std::decay_t<decltype(boost::asio::prefer(
-        std::declval<boost::asio::associated_executor_t<Handler, boost::asio::any_io_executor>>(),
-        boost::asio::execution::outstanding_work.tracked))>>
-        work_;
+    [[no_unique_address]] std::conditional_t<traits::is_async, std::monostate,
+                                             std::conditional_t<std::is_void_v<result>, outcome_void, outcome_value>>
+        outcome_;
+};
+
+/// What a submitter that runs its task itself learns when the task may start: its id in the
+/// limiter (to report it finished) and, for a task that takes a `std::stop_token`, the stop
+/// source the limiter may trigger.
+struct admission {
+    std::uint64_t id = 0;
+    std::stop_source stop{std::nostopstate};
+};
+
+/// A place in the queue for a task that its submitter runs itself (see `limiter::submit`):
+/// started, it completes the submitter's wait with an `admission`; the submitter then runs the
+/// task and calls `limiter_finished`.
+template <class Handler, bool Stoppable>
+class ticket final : public job_for<Handler> {
+    using base = job_for<Handler>;
+
+public:
+    using base::base;
+
+    void run(std::unique_ptr<job_base> self, limiter_core&) override
+    {
+        std::unique_ptr<ticket> owned{static_cast<ticket*>(self.release())};
+        // Posted, never inline: this may be the submission's own initiating call.
+        this->deliver(std::exception_ptr{}, admission{this->id, stop_source_of()});
+    }
+
+    bool execute() override { return false; } // never called: the submitter runs the task
+    bool blocking() const noexcept override { return false; }
+
+    void abort(boost::system::error_code ec) override { this->deliver(make_exception(ec), admission{}); }
+
+    std::optional<std::stop_source> stop_source() override
+    {
+        if constexpr (Stoppable)
+            return stop_;
+        else
+            return std::nullopt;
+    }
+
+    bool stoppable() const noexcept override { return Stoppable; }
+
+private:
+    std::stop_source stop_source_of()
+    {
+        if constexpr (Stoppable)
+            return stop_;
+        else
+            return std::stop_source{std::nostopstate};
+    }
+
+    [[no_unique_address]] std::conditional_t<Stoppable, std::stop_source, std::monostate> stop_;
 };
 
 } // namespace detail
@@ -326,6 +544,11 @@ public:
     limiter(const executor_type& ex, std::shared_ptr<resource> limits, limiter_options options,
             const executor_type& task_ex, std::shared_ptr<void> keep_alive = {});
 
+    /// As above, in a home (executors and what they need kept alive) shared with other
+    /// limiters: how a manager makes its per-user limiters without a copy of each per user.
+    limiter(std::shared_ptr<const detail::limiter_home> home, std::shared_ptr<resource> limits,
+            limiter_options options);
+
     /// Refuses new tasks and aborts queued ones (`operation_aborted`); running tasks finish.
     ~limiter();
 
@@ -345,8 +568,9 @@ public:
     ///
     /// Per-operation cancellation: while the task waits in the queue (or for room), terminal,
     /// partial and total cancellation remove it: it never runs and takes no token. Once it runs,
-    /// a task that takes a `std::stop_token` is asked to stop (cooperative preemption); other
-    /// tasks run to the end.
+    /// a task that takes a `std::stop_token` is asked to stop (cooperative preemption), and a
+    /// task returning an awaitable receives the cancellation (the operations it awaits see it);
+    /// blocking tasks run to the end.
     template <class Task, class CompletionToken>
     auto async_submit(Task&& task, CompletionToken&& token)
     {
@@ -356,10 +580,53 @@ public:
     }
 
     /// `co_await limiter->submit(task)`: the task's result, or its exception rethrown.
+    ///
+    /// A task returning `asio::awaitable<T>`, submitted from a coroutine that nothing can
+    /// cancel (its cancellation slot is not connected, as under `co_spawn(ex, f, detached)`),
+    /// runs once the limiter lets it start as a plain `co_await` in the submitter's coroutine:
+    /// the wait for admission is the one post, and there is no `co_spawn`. From a cancellable
+    /// coroutine, `submit` is `async_submit(task, use_awaitable)`: a queued task can then be
+    /// removed, and a running one receives the cancellation, as described above.
     template <class Task>
     auto submit(Task&& task)
     {
-        return async_submit(std::forward<Task>(task), boost::asio::use_awaitable);
+        return submit_to(core_, user_, std::decay_t<Task>(std::forward<Task>(task)));
+    }
+
+    /// `submit` with a deadline. Fails at once with `errc::would_exceed_deadline` when the wait
+    /// for the resource's token alone would pass `deadline` (tasks already queued aside).
+    /// Otherwise, as `with_deadline(deadline, submit(task))`: a task still queued at the
+    /// deadline is removed (it never runs) and `errc::timed_out` is thrown; a running task that
+    /// takes a `std::stop_token` is asked to stop; other running tasks finish first.
+    template <class Task>
+    auto submit(Task&& task, std::chrono::steady_clock::time_point deadline)
+        -> boost::asio::awaitable<typename detail::task_traits<std::decay_t<Task>>::result>
+    {
+        return submit_by(core_, user_, deadline, std::decay_t<Task>(std::forward<Task>(task)));
+    }
+
+    /// Graceful degradation: submits `task`, and when the limiter refuses it — queue full,
+    /// shutting down, or aborted by a shutdown before it started (or, given a deadline, the
+    /// token too late or the deadline reached in the queue) — returns `fallback()`
+    /// instead (the cached top 10 rather than a 503). `fallback` returns what `task` yields, or
+    /// an `asio::awaitable` of it, and runs in the awaiting coroutine. The task's own
+    /// exceptions, and `operation_aborted` after the caller's own cancellation, are rethrown.
+    template <class Task, class Fallback>
+    auto submit_or(Task&& task, Fallback&& fallback)
+        -> boost::asio::awaitable<typename detail::task_traits<std::decay_t<Task>>::result>
+    {
+        return submit_or_impl(core_, user_, std::decay_t<Task>(std::forward<Task>(task)),
+                              std::decay_t<Fallback>(std::forward<Fallback>(fallback)), std::nullopt);
+    }
+
+    /// `submit_or` with a deadline, as `submit(task, deadline)`: the fallback runs too when the
+    /// token would come after `deadline`, or the task is still queued at it.
+    template <class Task, class Fallback>
+    auto submit_or(Task&& task, Fallback&& fallback, std::chrono::steady_clock::time_point deadline)
+        -> boost::asio::awaitable<typename detail::task_traits<std::decay_t<Task>>::result>
+    {
+        return submit_or_impl(core_, user_, std::decay_t<Task>(std::forward<Task>(task)),
+                              std::decay_t<Fallback>(std::forward<Fallback>(fallback)), deadline);
     }
 
     /// Stops taking tasks (`errc::shutting_down`), lets queued and running tasks finish for
@@ -393,6 +660,16 @@ public:
     /// Tasks running now.
     std::size_t running() const noexcept;
 
+    /// Tokens of the limiter's resource a task could take now (infinity when unlimited): the
+    /// `RateLimit-Remaining` of an HTTP answer.
+    double available() const;
+    /// When a task arriving now could have its token, tasks already queued aside: the basis of
+    /// a `Retry-After`.
+    std::chrono::steady_clock::time_point next_available() const;
+    /// The resource the limiter takes its tokens from (a `bucket_resource` for a manager's
+    /// limiters).
+    resource& limits() const noexcept;
+
 private:
     struct initiation {
         template <class Handler, class Task>
@@ -405,6 +682,118 @@ private:
                                                            detail::limiter_executor(*core)));
         }
     };
+    template <bool Stoppable>
+    struct admit_initiation {
+        template <class Handler>
+        void operator()(Handler&& handler, const std::shared_ptr<detail::limiter_core>& core, std::uint64_t user) const
+        {
+            using ticket_t = detail::ticket<std::decay_t<Handler>, Stoppable>;
+            detail::limiter_submit(
+                core, user, std::make_unique<ticket_t>(std::forward<Handler>(handler), detail::limiter_executor(*core)));
+        }
+    };
+
+    template <class Task>
+    static decltype(auto) invoke_task(Task& task, const detail::admission& admitted)
+    {
+        if constexpr (detail::task_traits<Task>::stoppable)
+            return std::invoke(task, admitted.stop.get_token());
+        else
+            return std::invoke(task);
+    }
+
+    template <class Task>
+    static auto submit_to(const std::shared_ptr<detail::limiter_core>& core, std::uint64_t user, Task task)
+    {
+        if constexpr (detail::runs_in_submitter<Task>)
+            return submit_here(core, user, std::move(task));
+        else
+            return boost::asio::async_initiate<const boost::asio::use_awaitable_t<>&,
+                                               typename detail::task_traits<Task>::signature>(
+                initiation{}, boost::asio::use_awaitable, core, user, std::move(task));
+    }
+
+    template <class Task>
+    static boost::asio::awaitable<typename detail::task_traits<Task>::result>
+    submit_by(std::shared_ptr<detail::limiter_core> core, std::uint64_t user,
+              std::chrono::steady_clock::time_point deadline, Task task)
+    {
+        if (detail::limiter_next_available(*core) > deadline) detail::throw_past_deadline();
+        co_return co_await with_deadline(deadline, submit_to(core, user, std::move(task)));
+    }
+
+    template <class Task, class Fallback>
+    static boost::asio::awaitable<typename detail::task_traits<Task>::result>
+    submit_or_impl(std::shared_ptr<detail::limiter_core> core, std::uint64_t user, Task task, Fallback fallback,
+                   std::optional<std::chrono::steady_clock::time_point> deadline)
+    {
+        namespace asio = boost::asio;
+        using result = typename detail::task_traits<Task>::result;
+        bool started = false;
+        std::exception_ptr failure;
+        try {
+            detail::flagged_task<Task> flagged{std::move(task), &started};
+            auto submitted = deadline ? submit_by(core, user, *deadline, std::move(flagged))
+                                      : submit_to(core, user, std::move(flagged));
+            if constexpr (std::is_void_v<result>) {
+                co_await std::move(submitted);
+                co_return;
+            } else {
+                co_return co_await std::move(submitted);
+            }
+        } catch (...) {
+            failure = std::current_exception();
+        }
+        const asio::cancellation_state cancellation = co_await asio::this_coro::cancellation_state;
+        if (started || cancellation.cancelled() != asio::cancellation_type::none) std::rethrow_exception(failure);
+        if constexpr (detail::awaitable_value<std::invoke_result_t<Fallback&>>::is_awaitable)
+            co_return co_await fallback();
+        else if constexpr (std::is_void_v<result>)
+            fallback();
+        else
+            co_return fallback();
+    }
+
+    // See submit(). Waits in the queue as a ticket, then runs the task in this coroutine.
+    template <class Task>
+    static boost::asio::awaitable<typename detail::task_traits<Task>::result>
+    submit_here(std::shared_ptr<detail::limiter_core> core, std::uint64_t user, Task task)
+    {
+        namespace asio = boost::asio;
+        using traits = detail::task_traits<Task>;
+        using result = typename traits::result;
+        const asio::cancellation_state cancellation = co_await asio::this_coro::cancellation_state;
+        if (cancellation.slot().is_connected()) {
+            // Cancellable: the task runs as an operation of its own, so that the submitter's
+            // cancellation can remove it while queued and reaches it once running.
+            co_return co_await asio::async_initiate<const asio::use_awaitable_t<>&, typename traits::signature>(
+                initiation{}, asio::use_awaitable, core, user, std::move(task));
+        }
+        const detail::admission admitted =
+            co_await asio::async_initiate<const asio::use_awaitable_t<>&, void(std::exception_ptr, detail::admission)>(
+                admit_initiation<traits::stoppable>{}, asio::use_awaitable, core, user);
+        std::exception_ptr failure;
+        if constexpr (std::is_void_v<result>) {
+            try {
+                co_await invoke_task(task, admitted);
+            } catch (...) {
+                failure = std::current_exception();
+            }
+            detail::limiter_finished(*core, admitted.id, static_cast<bool>(failure));
+            if (failure) std::rethrow_exception(failure);
+        } else {
+            std::optional<result> value;
+            try {
+                value.emplace(co_await invoke_task(task, admitted));
+            } catch (...) {
+                failure = std::current_exception();
+            }
+            detail::limiter_finished(*core, admitted.id, static_cast<bool>(failure));
+            if (failure) std::rethrow_exception(failure);
+            co_return std::move(*value);
+        }
+    }
+
     struct shutdown_initiation {
         void operator()(detail::acquire_handler handler, const std::shared_ptr<detail::limiter_core>& core,
                         std::chrono::nanoseconds grace) const;

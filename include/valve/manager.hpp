@@ -166,8 +166,18 @@ public:
     /// dedicated one).
     std::size_t limiter_count(std::string_view profile) const;
 
-    /// The statistics of every limiter the manager holds, added up (maxima are maxima).
+    /// The statistics of every limiter the manager holds, added up (maxima are maxima), with
+    /// those of evicted limiters, so that counters only grow.
     limiter_stats stats() const;
+    /// The same for one profile; `errc::unknown_profile` for a name never registered.
+    limiter_stats stats(std::string_view profile) const;
+
+    /// Changes the rate of a profile's resource at run time (an `aimd_controller` can drive
+    /// it): for a shared profile, its shared resource's (so every profile naming the same key
+    /// sees it); for a dedicated one, every user's, now and to come. The burst and the
+    /// `also_limit`s stay. Throws `valve::error`: `errc::unknown_profile`, or
+    /// `errc::invalid_argument` for an invalid rate.
+    void set_rate(std::string_view profile, rate r);
 
     /// Logs a warning (through `valve::logger()`) when a limiter has tasks queued but none has
     /// started or finished for `after`: a stalled upstream, a zero rate, a pool blocked by
