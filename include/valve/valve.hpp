@@ -3,14 +3,20 @@
 
 // All of valve's public headers.
 
+#include <valve/adaptive.hpp>
+#include <valve/backoff.hpp>
 #include <valve/bucket_core.hpp>
 #include <valve/bucket_set.hpp>
 #include <valve/error.hpp>
+#include <valve/hedge.hpp>
 #include <valve/limiter.hpp>
 #include <valve/log.hpp>
 #include <valve/manager.hpp>
+#include <valve/metrics.hpp>
 #include <valve/rate.hpp>
 #include <valve/resource.hpp>
+#include <valve/retry.hpp>
+#include <valve/timeout.hpp>
 #include <valve/token_bucket.hpp>
 
 #endif
