@@ -108,11 +108,14 @@ public:
 
     /// Frees the slot of task `id` and starts what that allows. With `hand_back`, a blocking
     /// job the slot lets start is handed back to run on the calling worker instead of posted.
-    void finished(std::uint64_t id, bool threw, std::unique_ptr<job_base>* hand_back = nullptr,
+    void finished(std::uint64_t id, task_outcome outcome, std::unique_ptr<job_base>* hand_back = nullptr,
                   bool handover_follows = false)
     {
         if (handover_follows) unsettled_.fetch_add(1); // before the slot is free: see maybe_finish_shutdown()
-        (threw ? failed_ : completed_).fetch_add(1, std::memory_order_relaxed);
+        (outcome == task_outcome::ran    ? completed_
+         : outcome == task_outcome::threw ? failed_
+                                          : cancelled_)
+            .fetch_add(1, std::memory_order_relaxed);
         // A progress stamp needs no precision: a coarse read of the same clock, kept only if it
         // moves the stamp forward (the start's precise stamp may be later).
         const std::int64_t stamp = coarse_now().time_since_epoch().count();
@@ -248,7 +251,11 @@ private:
             if (auto c = core.lock()) c->locked([&] { c->cancel(user, id); });
             // A running async task hears it too, outside the lock (its handlers are user code),
             // on this thread: the submitter's, where the task runs.
-            if (forward && forward->running.load()) forward->signal.emit(type);
+            // Not running yet (started, on its way to the submitter's executor): it will not run.
+            if (forward) {
+                forward->requested.fetch_or(static_cast<unsigned>(type));
+                if (forward->running.load()) forward->signal.emit(type);
+            }
         }
     };
 
@@ -610,11 +617,14 @@ void limiter_submit(const std::shared_ptr<limiter_core>& core, std::uint64_t use
     core->submit(user, std::move(job));
 }
 
-void limiter_finished(limiter_core& core, std::uint64_t id, bool threw) { core.finished(id, threw); }
-
-void limiter_finished_before_handover(limiter_core& core, std::uint64_t id, bool threw)
+void limiter_finished(limiter_core& core, std::uint64_t id, bool threw)
 {
-    core.finished(id, threw, nullptr, true);
+    core.finished(id, threw ? task_outcome::threw : task_outcome::ran);
+}
+
+void limiter_finished_before_handover(limiter_core& core, std::uint64_t id, task_outcome outcome)
+{
+    core.finished(id, outcome, nullptr, true);
 }
 
 void limiter_handed_over(limiter_core& core) { core.handed_over(); }
@@ -633,7 +643,7 @@ void run_blocking(std::unique_ptr<job_base> job, std::shared_ptr<limiter_core> c
         const std::uint64_t id = job->id;
         core->deliver(std::move(job));
         std::unique_ptr<job_base> next;
-        core->finished(id, threw, &next);
+        core->finished(id, threw ? task_outcome::threw : task_outcome::ran, &next);
         job = std::move(next);
         if (job && n + 1 == chain) {
             job_base* raw = job.get();

@@ -837,3 +837,38 @@ TEST(limiter, every_submitter_hears_before_the_shutdown_completes)
         pool.join();
     }
 }
+
+TEST(limiter, a_cancellation_that_beats_its_async_tasks_start_keeps_it_from_running)
+{
+    // A worker frees the slot and the limiter starts the queued async task; its submitter
+    // cancels before the start reaches the submitter's executor (the io_context is not running
+    // yet). The task must not begin, and the submitter hears operation_aborted.
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{.concurrency = 1},
+                                         pool.get_executor());
+    gate g;
+    lim->async_submit([&] { g.wait(); }, [](std::exception_ptr) {});
+    asio::cancellation_signal signal;
+    bool began = false;
+    error_code heard = asio::error::would_block;
+    lim->async_submit(
+        [&]() -> asio::awaitable<void> {
+            began = true;
+            asio::steady_timer t{ioc, 1h};
+            co_await t.async_wait(asio::use_awaitable);
+        },
+        asio::bind_cancellation_slot(signal.slot(), [&](std::exception_ptr e) { heard = code_of(e); }));
+    ASSERT_EQ(lim->queued(), 1u);
+    g.open();
+    const auto give_up = std::chrono::steady_clock::now() + 10s;
+    while (lim->queued() != 0 && std::chrono::steady_clock::now() < give_up) std::this_thread::sleep_for(1ms);
+    ASSERT_EQ(lim->queued(), 0u) << "the worker did not start the queued task";
+    signal.emit(asio::cancellation_type::terminal); // on this thread, the io_context's
+    ioc.run_for(10s);
+    EXPECT_FALSE(began);
+    EXPECT_EQ(heard, asio::error::operation_aborted);
+    EXPECT_EQ(lim->running(), 0u);
+    EXPECT_EQ(lim->stats().cancelled, 1u);
+    pool.join();
+}

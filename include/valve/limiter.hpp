@@ -104,7 +104,13 @@ struct limiter_home {
 struct task_cancellation {
     boost::asio::cancellation_signal signal;
     std::atomic<bool> running{false};
+    /// Cancellation types emitted by the submitter so far: one that arrives after the limiter
+    /// started the task but before the task began on its executor stops it from beginning.
+    std::atomic<unsigned> requested{0};
 };
+
+/// How a task that took a slot ended.
+enum class task_outcome { ran, threw, cancelled };
 
 /// One submitted task, type-erased for the queue. Exactly one of `run` or `abort` is called.
 class job_base {
@@ -173,7 +179,7 @@ void limiter_submit(const std::shared_ptr<limiter_core>& core, std::uint64_t use
 void limiter_finished(limiter_core& core, std::uint64_t id, bool threw);
 /// As `limiter_finished`, for a job that completes its submitter just after: it then calls
 /// `limiter_handed_over`, and no shutdown completes in between.
-void limiter_finished_before_handover(limiter_core& core, std::uint64_t id, bool threw);
+void limiter_finished_before_handover(limiter_core& core, std::uint64_t id, task_outcome outcome);
 void limiter_handed_over(limiter_core& core);
 std::shared_ptr<limiter_core> limiter_share(limiter_core& core);
 /// Runs a blocking job on the current (task executor's) thread, then the limiter's next
@@ -335,7 +341,40 @@ public:
         auto* me = static_cast<job*>(self.release());
         std::unique_ptr<job> owned{me};
         if constexpr (traits::is_async) {
-            // Async work does not block: it runs on the submitter's executor, no thread hop.
+            if (me->forward_) {
+                // The submitter's cancellation is emitted on its executor: the task begins
+                // there too (at once if the limiter decided there), so that the two are
+                // ordered and a cancellation that came first keeps it from beginning.
+                asio::dispatch(me->executor(), [owned = std::move(owned), core = limiter_share(core)]() mutable {
+                    job* j = owned.get();
+                    if (j->forward_->requested.load() == 0) return j->begin(std::move(owned), *core);
+                    const std::uint64_t job_id = j->id;
+                    j->abort(asio::error::operation_aborted); // handed over, then the slot freed
+                    owned.reset();
+                    limiter_finished_before_handover(*core, job_id, task_outcome::cancelled);
+                    limiter_handed_over(*core); // (already: the abort was posted above)
+                });
+                return;
+            }
+            me->begin(std::move(owned), core);
+        } else {
+            // Blocking work runs on the task executor (the profile's pool): one hop there, and
+            // one back to the submitter's executor. The worker then runs the limiter's next
+            // blocking tasks itself, a few per wake-up, instead of posting each.
+            me->keep_busy();
+            const asio::any_io_executor& task_ex = limiter_task_executor(core);
+            asio::post(task_ex, [owned = std::move(owned), core = limiter_share(core)]() mutable {
+                run_blocking(std::move(owned), std::move(core));
+            });
+        }
+    }
+
+    // An async task begins: on the submitter's executor, no thread hop.
+    void begin(std::unique_ptr<job> owned, limiter_core& core)
+    {
+        namespace asio = boost::asio;
+        job* me = owned.get();
+        if constexpr (traits::is_async) {
             std::optional<decltype(me->invoke())> work;
             try {
                 work.emplace(me->invoke()); // a callable that throws before its coroutine starts
@@ -352,7 +391,8 @@ public:
                 if (owned->forward_) owned->forward_->running.store(false);
                 // The slot is free before the submitter resumes, so its next submission can
                 // start at once.
-                limiter_finished_before_handover(*core, owned->id, static_cast<bool>(e));
+                limiter_finished_before_handover(*core, owned->id,
+                                                 e ? task_outcome::threw : task_outcome::ran);
                 owned->complete(std::move(e), std::move(r)...);
                 limiter_handed_over(*core);
             };
@@ -364,15 +404,6 @@ public:
             } else {
                 asio::co_spawn(me->executor(), std::move(*work), std::move(done));
             }
-        } else {
-            // Blocking work runs on the task executor (the profile's pool): one hop there, and
-            // one back to the submitter's executor. The worker then runs the limiter's next
-            // blocking tasks itself, a few per wake-up, instead of posting each.
-            me->keep_busy();
-            const asio::any_io_executor& task_ex = limiter_task_executor(core);
-            asio::post(task_ex, [owned = std::move(owned), core = limiter_share(core)]() mutable {
-                run_blocking(std::move(owned), std::move(core));
-            });
         }
     }
 
