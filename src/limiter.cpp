@@ -81,14 +81,24 @@ public:
         job->id = id;
         job->user = user;
         const auto now = clock::now();
-        if (std::unique_lock lock{mutex_, std::try_to_lock}; lock) {
-            decide(lock, [&] { admit(std::move(job)); }, now);
-            return;
+        // Every slot is taken: the task cannot start now, and a finishing task will decide
+        // (it takes the lock when anything is queued, and admits the inbox first). So the job
+        // joins the inbox without the lock: under a backlog, submitters and workers do not
+        // contend for it task by task.
+        // (Only when the queue surely has room for it, and with no shutdown or cancel under
+        // way: a refusal is decided at once.)
+        const bool busy = running_.load() >= options_.concurrency && attention_.load() == 0
+                          && (options_.on_queue_full == queue_full_policy::wait || queued() <= options_.queue_capacity);
+        if (!busy) {
+            if (std::unique_lock lock{mutex_, std::try_to_lock}; lock) {
+                decide(lock, [&] { admit(std::move(job)); }, now);
+                return;
+            }
         }
-        // The lock is busy: rather than queue up for it, the job joins the inbox, which the
-        // next decision under the lock admits first (in arrival order), and one submitter at a
-        // time waits for the lock to see that it does. A job may wait there on another
-        // thread's decision: its submitter's executor is kept busy meanwhile.
+        // The lock is busy (or not needed): rather than queue up for it, the job joins the
+        // inbox, which the next decision under the lock admits first (in arrival order). A job
+        // may wait there on another thread's decision: its submitter's executor is kept busy
+        // meanwhile.
         job->keep_busy();
         job->admitted = now;
         job_base* j = job.release();
@@ -96,6 +106,10 @@ public:
         do
             j->next_done = head;
         while (!inbox_.compare_exchange_weak(head, j)); // sequentially consistent: see below
+        // Pushed, then the running count looked at again; a finishing task frees its slot, then
+        // decides (admitting the inbox): one of the two sees the other, so a job left here
+        // with every slot taken is admitted by the next task to finish.
+        if (busy && running_.load() >= options_.concurrency) return;
         // Whoever sets the flag decides until the inbox stays empty. It clears the flag, then
         // looks at the inbox again; a submitter pushes, then tries to set the flag: one of the
         // two sees the other, so no job is left in the inbox with nobody to admit it.
@@ -152,6 +166,7 @@ public:
     void close()
     {
         locked([&] {
+            if (!closing_) attention_.fetch_add(1); // submitters decide under the lock from now
             closing_ = true;
             abort_all(asio::error::operation_aborted);
             ask_running_to_stop();
@@ -454,6 +469,7 @@ private:
         // time the shutdown's waiter runs. (Read in this order: a worker hands its job over,
         // then frees its slot; a batch counts itself, then takes the finished jobs.)
         if (done_.load() != nullptr || batches_.load() != 0 || unsettled_.load() != 0) return;
+        if (inbox_.load() != nullptr) return; // its submitter admits it (and refuses it) next
         shutdown_->grace_timer.cancel();
         // Move-constructed one by one (never assigned: see STYLE.md on any_completion_handler).
         for (auto& h : shutdown_->waiters) pending_->done.emplace_back(std::move(h));
