@@ -49,6 +49,9 @@ std::chrono::steady_clock::time_point coarse_now() noexcept
 
 std::exception_ptr make_exception(boost::system::error_code ec)
 {
+    // valve's own refusals (queue full, shutting down, ...) are `valve::error`s, as the
+    // README promises; others (operation_aborted) plain system errors.
+    if (ec.category() == error_category()) return std::make_exception_ptr(error(static_cast<errc>(ec.value())));
     return std::make_exception_ptr(boost::system::system_error(ec));
 }
 

@@ -185,15 +185,18 @@ TEST(limiter, a_full_queue_says_no_at_once)
                                          limiter_options{.concurrency = 1, .queue_capacity = 2}, pool.get_executor());
     gate release;
     std::vector<error_code> outcomes(4);
+    std::exception_ptr refusal;
     std::atomic<int> completed{0};
     for (int i = 0; i < 4; ++i)
         lim->async_submit([&] { release.wait(); }, [&, i](std::exception_ptr e) {
             outcomes[i] = code_of(e);
+            if (i == 3) refusal = e;
             ++completed;
         });
     // One runs, two wait, the fourth is refused without waiting for anything to finish.
     while (completed < 1) ioc.run_one();
     EXPECT_EQ(outcomes[3], valve::errc::queue_full);
+    EXPECT_THROW(std::rethrow_exception(refusal), valve::error); // valve's own error type
     release.open();
     ioc.run();
     EXPECT_FALSE(outcomes[0]);
