@@ -723,6 +723,8 @@ void limiter::cancel() { core_->close(); }
 
 std::size_t limiter::running() const noexcept { return core_->running(); }
 
+bool limiter::shared() const noexcept { return core_.use_count() > 1; }
+
 namespace detail {
 
 std::chrono::steady_clock::time_point limiter_next_available(const limiter_core& core)

@@ -193,8 +193,9 @@ public:
             if (!p->config.idle) continue;
             for (auto it = p->users.begin(); it != p->users.end();) {
                 const auto& u = it->second;
-                // Only the manager holds it, nothing is queued or running, and it has rested.
-                if (u.lim.use_count() == 1 && u.lim->queued() == 0 && u.lim->running() == 0
+                // Only the manager holds it (no handle of it, nor of its queue through
+                // `for_user`), nothing is queued or running, and it has rested.
+                if (u.lim.use_count() == 1 && !u.lim->shared() && u.lim->queued() == 0 && u.lim->running() == 0
                     && now - std::max(u.last_used, u.lim->stats().last_progress) >= *p->config.idle) {
                     accumulate(p->retired, u.lim->stats()); // counters only grow
                     dropped.push_back(std::move(it->second.lim));

@@ -237,11 +237,23 @@ TEST(manager, idle_dedicated_limiters_are_evicted)
     mgr.register_profile("pro", valve::dedicated_resource(rate::per_second(10)), valve::idle_timeout(20ms));
     for (int i = 0; i < 100; ++i) mgr.get_limiter("pro", "user-" + std::to_string(i));
     auto held = mgr.get_limiter("pro", "holder"); // a user still holding its limiter keeps it
-    EXPECT_EQ(mgr.limiter_count("pro"), 101u);
+    // So does one holding only a for_user handle on its queue: the limiter must not be closed
+    // under it.
+    auto other_view = mgr.get_limiter("pro", "viewer")->for_user(7);
+    EXPECT_EQ(mgr.limiter_count("pro"), 102u);
     const auto give_up = std::chrono::steady_clock::now() + 10s;
-    while (mgr.limiter_count("pro") > 1 && std::chrono::steady_clock::now() < give_up) ioc.run_for(10ms);
-    EXPECT_EQ(mgr.limiter_count("pro"), 1u);
+    while (mgr.limiter_count("pro") > 2 && std::chrono::steady_clock::now() < give_up) ioc.run_for(10ms);
+    ioc.run_for(50ms); // more sweeps than the idle timeout: the two held ones stay
+    EXPECT_EQ(mgr.limiter_count("pro"), 2u);
     EXPECT_EQ(mgr.get_limiter("pro", "holder"), held);
+    std::atomic<bool> ran{false};
+    other_view->async_submit([&] { ran = true; }, [](std::exception_ptr e) { EXPECT_FALSE(e); });
+    const auto done_by = std::chrono::steady_clock::now() + 10s;
+    while (!ran && std::chrono::steady_clock::now() < done_by) ioc.run_for(10ms);
+    EXPECT_TRUE(ran) << "a for_user handle outlived its limiter's eviction and was refused";
+    other_view.reset();
+    while (mgr.limiter_count("pro") > 1 && std::chrono::steady_clock::now() < give_up + 10s) ioc.run_for(10ms);
+    EXPECT_EQ(mgr.limiter_count("pro"), 1u) << "released, the viewer's limiter is evicted";
 }
 
 TEST(manager, get_limiter_is_safe_from_many_threads)

@@ -683,6 +683,10 @@ public:
     /// closes the queue.
     std::shared_ptr<limiter> for_user(std::uint64_t user) const;
 
+    /// Whether anything besides this handle shares its queue: a `for_user` handle, or work
+    /// still on its way (a manager evicts an idle dedicated limiter only when nothing does).
+    bool shared() const noexcept;
+
     /// Counters and timings so far (shared by every user's handle on this limiter).
     limiter_stats stats() const noexcept;
 
