@@ -89,8 +89,8 @@ public:
     {
         const auto client_rate =
             cfg.mode == config::unlimited ? valve::rate::unlimited() : valve::rate::per_second(cfg.client_rate);
-        // Per client: a private rate; no queue (over the rate is 429 at once); its tasks are
-        // the request handlers themselves, run on this io_context.
+        // Per client: a private rate; no queue (over the rate is 429 at once); the request
+        // handlers take its permits themselves (limiter::try_enter), on this io_context.
         mgr_.register_profile("per-client", valve::dedicated_resource(client_rate, cfg.client_burst),
                               valve::worker_pool(1000, 0), valve::run_on(ioc.get_executor()),
                               valve::idle_timeout(std::chrono::seconds(60)));
@@ -118,13 +118,13 @@ public:
         const auto key = req.count("X-Api-Key") ? std::string{req["X-Api-Key"]} : remote;
         if (!cache.limiter || cache.key != key) cache = {key, mgr_.get_limiter("per-client", key)};
         const std::shared_ptr<valve::limiter>& client = cache.limiter;
-        try {
-            // The handler runs as the client's task: admitted only if the client has a token now.
-            response res = co_await client->submit([&]() -> asio::awaitable<response> { co_return co_await route(req, target); });
+        // The handler runs under the client's limit: admitted only if the client has a token
+        // now, and then right here, holding its permit (no task to submit, no post).
+        if (valve::permit admitted = client->try_enter()) {
+            response res = co_await route(req, target);
+            admitted.release();
             rate_headers(res, *client);
             co_return count(std::move(res));
-        } catch (const boost::system::system_error& e) {
-            if (e.code() != valve::errc::queue_full) throw;
         }
         response res = make(req, http::status::too_many_requests, "too many requests: slow down\n");
         res.set(http::field::retry_after, seconds_until(client->next_available()));

@@ -164,6 +164,32 @@ public:
         locked([&] { begin_shutdown(std::move(handler), grace); });
     }
 
+    /// Takes a slot and a token for work its caller does itself, if both are free now and
+    /// nothing is queued ahead (see limiter::try_enter); its id, to report it finished.
+    std::optional<std::uint64_t> try_enter(boost::system::error_code& ec)
+    {
+        const std::uint64_t id = submitted_.fetch_add(1);
+        bool entered = false;
+        locked([&] {
+            // The inbox was admitted first: what it held is ahead.
+            if (closing_ || shutdown_) {
+                ec = errc::shutting_down;
+            } else if (queue_.empty() && !waiting_.job && running_.load() < options_.concurrency
+                       && limits_->try_acquire(1)) {
+                running_.fetch_add(1);
+                last_progress_.store(pending_->now.time_since_epoch().count(), std::memory_order_relaxed);
+                entered = true;
+            } else {
+                ec = errc::queue_full;
+            }
+            if (!entered) rejected_.fetch_add(1, std::memory_order_relaxed);
+            left_.store(left_.load(std::memory_order_relaxed) + 1, std::memory_order_release); // under the lock
+        });
+        if (!entered) return std::nullopt;
+        ec = {};
+        return id;
+    }
+
     /// Refuses new tasks, aborts queued ones and asks running ones (with a stop token) to stop,
     /// all before returning.
     void close()
@@ -722,6 +748,43 @@ limiter_stats limiter::stats() const noexcept { return core_->stats(); }
 void limiter::cancel() { core_->close(); }
 
 std::size_t limiter::running() const noexcept { return core_->running(); }
+
+permit limiter::try_enter(boost::system::error_code& ec)
+{
+    if (auto id = core_->try_enter(ec)) return permit{core_, *id};
+    return permit{};
+}
+
+permit limiter::try_enter()
+{
+    boost::system::error_code ec;
+    return try_enter(ec);
+}
+
+permit::permit(std::shared_ptr<detail::limiter_core> core, std::uint64_t id) noexcept
+    : core_(std::move(core)), id_(id)
+{
+}
+
+permit::permit(permit&& other) noexcept : core_(std::move(other.core_)), id_(other.id_) {}
+
+permit& permit::operator=(permit&& other) noexcept
+{
+    if (this != &other) {
+        release();
+        core_ = std::move(other.core_);
+        id_ = other.id_;
+    }
+    return *this;
+}
+
+permit::~permit() { release(); }
+
+void permit::release(bool failed) noexcept
+{
+    if (auto core = std::move(core_))
+        core->finished(id_, failed ? detail::task_outcome::threw : detail::task_outcome::ran);
+}
 
 bool limiter::shared() const noexcept { return core_.use_count() > 1; }
 

@@ -875,3 +875,69 @@ TEST(limiter, a_cancellation_that_beats_its_async_tasks_start_keeps_it_from_runn
     EXPECT_EQ(lim->stats().cancelled, 1u);
     pool.join();
 }
+
+TEST(limiter, try_enter_takes_a_slot_and_a_token_now_or_says_why_not)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    // Burst 2, a rate too slow to refill during the test; two slots.
+    auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::per(1, 1h), 2);
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), limits, limiter_options{.concurrency = 2},
+                                         pool.get_executor());
+    error_code ec;
+    valve::permit first = lim->try_enter(ec);
+    ASSERT_TRUE(first);
+    EXPECT_FALSE(ec);
+    EXPECT_EQ(lim->running(), 1u);
+    valve::permit second = lim->try_enter(ec);
+    ASSERT_TRUE(second);
+    // Both slots taken: refused, and no token spent on the refusal.
+    EXPECT_FALSE(lim->try_enter(ec));
+    EXPECT_EQ(ec, valve::errc::queue_full);
+    second.release();
+    EXPECT_EQ(lim->running(), 1u);
+    // A slot is free but the burst is spent: refused.
+    EXPECT_FALSE(lim->try_enter(ec));
+    EXPECT_EQ(ec, valve::errc::queue_full);
+    first = valve::permit{}; // moving an empty permit in releases the held one
+    EXPECT_EQ(lim->running(), 0u);
+    const auto st = lim->stats();
+    EXPECT_EQ(st.submitted, 4u);
+    EXPECT_EQ(st.completed, 2u);
+    EXPECT_EQ(st.rejected, 2u);
+    EXPECT_EQ(st.queued, 0u);
+    pool.join();
+}
+
+TEST(limiter, try_enter_does_not_jump_the_queue_and_a_shutdown_waits_for_permits)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{.concurrency = 1},
+                                         pool.get_executor());
+    valve::permit held = lim->try_enter();
+    ASSERT_TRUE(held);
+    bool ran = false;
+    lim->async_submit([&] { ran = true; }, [](std::exception_ptr) {}); // queued behind the permit
+    ASSERT_EQ(lim->queued(), 1u);
+    error_code ec;
+    held.release(); // the queued task takes the slot
+    EXPECT_FALSE(lim->try_enter(ec)) << "a queued task is ahead, or holds the only slot";
+    EXPECT_EQ(ec, valve::errc::queue_full);
+    ioc.run();
+    EXPECT_TRUE(ran);
+    ioc.restart();
+
+    held = lim->try_enter();
+    ASSERT_TRUE(held);
+    bool shut = false;
+    lim->async_shutdown(1h, [&](error_code) { shut = true; });
+    EXPECT_FALSE(lim->try_enter(ec));
+    EXPECT_EQ(ec, valve::errc::shutting_down);
+    ioc.poll();
+    EXPECT_FALSE(shut) << "the shutdown completed while a permit was held";
+    held.release();
+    ioc.run();
+    EXPECT_TRUE(shut);
+    pool.join();
+}

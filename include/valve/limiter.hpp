@@ -554,6 +554,31 @@ private:
 
 } // namespace detail
 
+/// A place in a limiter taken without waiting (`limiter::try_enter`): one of its concurrency
+/// slots, held until the permit is released or destroyed, and the one token it took. An empty
+/// permit holds nothing. Move-only; not thread-safe itself (one owner at a time).
+class permit {
+public:
+    permit() noexcept = default;
+    permit(permit&& other) noexcept;
+    permit& operator=(permit&& other) noexcept;
+    ~permit();
+
+    /// Whether it holds a slot.
+    explicit operator bool() const noexcept { return core_ != nullptr; }
+
+    /// Frees the slot now (the limiter may start its next task); `failed` counts the work done
+    /// under it as failed in the statistics. Does nothing on an empty permit.
+    void release(bool failed = false) noexcept;
+
+private:
+    friend class limiter;
+    permit(std::shared_ptr<detail::limiter_core> core, std::uint64_t id) noexcept;
+
+    std::shared_ptr<detail::limiter_core> core_;
+    std::uint64_t id_ = 0;
+};
+
 /// Runs tasks under a resource's limits, at most `concurrency` at once, with a bounded queue.
 ///
 /// A submitted task is admitted into the queue (or refused at once with `errc::queue_full`, or
@@ -682,6 +707,16 @@ public:
     /// submitted through `*this` count as user 0's. Only the original limiter's destruction
     /// closes the queue.
     std::shared_ptr<limiter> for_user(std::uint64_t user) const;
+
+    /// Admission without waiting and without a task: a permit if a slot and a token are free
+    /// now and nothing is queued ahead (the work is then done by the caller, on its own
+    /// thread, while it holds the permit); otherwise an empty permit, with `ec` set to
+    /// `errc::queue_full` (no slot or no token now, or tasks queued ahead) or
+    /// `errc::shutting_down`, and the refusal counted as rejected. For callers that refuse
+    /// rather than queue, such as an HTTP handler answering 429: no allocation, no post.
+    permit try_enter(boost::system::error_code& ec);
+    /// The same, for callers that need no reason.
+    permit try_enter();
 
     /// Whether anything besides this handle shares its queue: a `for_user` handle, or work
     /// still on its way (a manager evicts an idle dedicated limiter only when nothing does).
