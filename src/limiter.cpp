@@ -129,10 +129,23 @@ public:
                   bool handover_follows = false)
     {
         if (handover_follows) unsettled_.fetch_add(1); // before the slot is free: see maybe_finish_shutdown()
+        count(outcome);
+        free_slot(id, hand_back);
+    }
+
+    /// Counts a finished task in the statistics: before its submitter hears of it, so that
+    /// what the submitter then reads counts it.
+    void count(task_outcome outcome) noexcept
+    {
         (outcome == task_outcome::ran    ? completed_
          : outcome == task_outcome::threw ? failed_
                                           : cancelled_)
             .fetch_add(1, std::memory_order_relaxed);
+    }
+
+    /// Frees the slot of a task `count`ed already, and starts what that allows (see finished()).
+    void free_slot(std::uint64_t id, std::unique_ptr<job_base>* hand_back = nullptr)
+    {
         // A progress stamp needs no precision: a coarse read of the same clock, kept only if it
         // moves the stamp forward (the start's precise stamp may be later).
         const std::int64_t stamp = coarse_now().time_since_epoch().count();
@@ -686,9 +699,10 @@ void run_blocking(std::unique_ptr<job_base> job, std::shared_ptr<limiter_core> c
         // Handed to its submitter before the slot is freed: a shutdown waits for the running
         // count to reach zero, and its completion must not overtake this one.
         const std::uint64_t id = job->id;
+        core->count(threw ? task_outcome::threw : task_outcome::ran); // counted, then heard of
         core->deliver(std::move(job));
         std::unique_ptr<job_base> next;
-        core->finished(id, threw ? task_outcome::threw : task_outcome::ran, &next);
+        core->free_slot(id, &next);
         job = std::move(next);
         if (job && n + 1 == chain) {
             job_base* raw = job.get();

@@ -349,10 +349,10 @@ public:
                     job* j = owned.get();
                     if (j->forward_->requested.load() == 0) return j->begin(std::move(owned), *core);
                     const std::uint64_t job_id = j->id;
-                    j->abort(asio::error::operation_aborted); // handed over, then the slot freed
-                    owned.reset();
                     limiter_finished_before_handover(*core, job_id, task_outcome::cancelled);
-                    limiter_handed_over(*core); // (already: the abort was posted above)
+                    j->abort(asio::error::operation_aborted);
+                    owned.reset();
+                    limiter_handed_over(*core);
                 });
                 return;
             }
