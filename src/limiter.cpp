@@ -187,8 +187,7 @@ public:
             // The inbox was admitted first: what it held is ahead.
             if (closing_ || shutdown_) {
                 ec = errc::shutting_down;
-            } else if (queue_.empty() && !waiting_.job && running_.load() < options_.concurrency
-                       && limits_->try_acquire(1)) {
+            } else if (may_start_now()) {
                 running_.fetch_add(1);
                 last_progress_.store(pending_->now.time_since_epoch().count(), std::memory_order_relaxed);
                 entered = true;
@@ -319,13 +318,19 @@ private:
     // Tasks admitted and not yet running: the fair queue plus the one waiting for its token.
     std::size_t admitted() const noexcept { return queue_.size() + (waiting_.job ? 1 : 0); }
 
+    // Nobody waiting ahead, a free slot, and a token, taken now: a newcomer may start at once.
+    bool may_start_now()
+    {
+        return queue_.empty() && !waiting_.job && running_.load() < options_.concurrency && limits_->try_acquire(1);
+    }
+
     void admit(job_ptr job)
     {
         if (closing_ || shutdown_) return drop(std::move(job), errc::shutting_down);
         const std::uint64_t id = job->id, user = job->user;
         entry e{nullptr, id, job->admitted, job->blocking(), job->stoppable()};
         // Nobody waiting, a free slot and a token at hand: start at once, without queueing.
-        if (queue_.empty() && !waiting_.job && running_.load() < options_.concurrency && limits_->try_acquire(1)) {
+        if (may_start_now()) {
             e.job = std::move(job);
             return start(std::move(e));
         }
