@@ -1,6 +1,7 @@
 #include <valve/limiter.hpp>
 
 #include "detail/cancellation.hpp"
+#include "detail/adaptive_mutex.hpp"
 #include "detail/fair_queue.hpp"
 
 #include <valve/error.hpp>
@@ -553,7 +554,7 @@ private:
     // Admits what waits in the inbox, then makes the decision, under `lock`; then carries out
     // its effects without it.
     template <class F>
-    void decide(std::unique_lock<std::mutex>& lock, F&& decision, clock::time_point now)
+    void decide(std::unique_lock<adaptive_mutex>& lock, F&& decision, clock::time_point now)
     {
         actions todo;
         todo.now = now;
@@ -582,7 +583,7 @@ private:
         if (attention_.load() != 0) locked([&] { maybe_finish_shutdown(); });
     }
 
-    std::mutex mutex_;
+    adaptive_mutex mutex_;
     std::shared_ptr<resource> limits_;
     limiter_options options_;
 
