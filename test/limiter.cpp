@@ -222,6 +222,52 @@ TEST(limiter, wait_policy_lets_the_submitter_wait_for_room)
     pool.join();
 }
 
+// Tasks waiting for room sit in a plain list until a cancellation has to find one of them;
+// the list is then indexed. Cancellations find their tasks in both parts, and the rest still
+// run in the order they were submitted.
+TEST(limiter, tasks_waiting_for_room_can_be_cancelled_and_keep_their_order)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto lim = std::make_shared<limiter>(
+        ioc.get_executor(), unlimited(ioc),
+        limiter_options{.concurrency = 1, .queue_capacity = 1, .on_queue_full = valve::queue_full_policy::wait},
+        pool.get_executor());
+    gate first;
+    constexpr int n = 12;
+    std::vector<int> order;
+    std::vector<error_code> outcome(n);
+    std::vector<asio::cancellation_signal> signals(n);
+    auto submit = [&](int i) {
+        lim->async_submit(
+            [&, i] {
+                if (i == 0) first.wait(); // holds the only slot until the test opens the gate
+                return i;
+            },
+            asio::bind_cancellation_slot(signals[i].slot(), [&, i](std::exception_ptr e, int v) {
+                outcome[i] = code_of(e);
+                if (!e) order.push_back(v);
+            }));
+    };
+    // 0 runs, 1 is queued, 2..9 wait for room.
+    for (int i = 0; i < 10; ++i) submit(i);
+    signals[5].emit(asio::cancellation_type::terminal); // found after indexing 2..9
+    submit(10);
+    submit(11);                                         // 10 and 11 join the list behind them
+    signals[10].emit(asio::cancellation_type::terminal); // the list is indexed again
+    signals[3].emit(asio::cancellation_type::terminal);  // found in the index made first
+    EXPECT_EQ(lim->queued(), 8u);                         // 1, 2, 4, 6, 7, 8, 9, 11
+    first.open();
+    ioc.run();
+    EXPECT_EQ(order, (std::vector<int>{0, 1, 2, 4, 6, 7, 8, 9, 11}));
+    EXPECT_EQ(outcome[3], asio::error::operation_aborted);
+    EXPECT_EQ(outcome[5], asio::error::operation_aborted);
+    EXPECT_EQ(outcome[10], asio::error::operation_aborted);
+    EXPECT_EQ(lim->stats().cancelled, 3u);
+    EXPECT_EQ(lim->stats().completed, 9u);
+    pool.join();
+}
+
 TEST(limiter, tasks_pass_the_resources_rate)
 {
     asio::io_context ioc;
