@@ -922,6 +922,47 @@ TEST(limiter, a_cancellation_that_beats_its_async_tasks_start_keeps_it_from_runn
     pool.join();
 }
 
+TEST(limiter, a_cancellation_that_beats_the_start_of_a_task_submitted_from_a_coroutine_keeps_it_from_running)
+{
+    // As above, for `co_await submit(task)` from a cancellable coroutine. A co_spawned
+    // coroutine hears a cancellation on its executor, in order: here it is emitted while the
+    // task is queued, reaches the coroutine only after the limiter has let the task start, and
+    // is still ahead of the coroutine's resumption.
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{.concurrency = 1},
+                                         pool.get_executor());
+    gate g;
+    lim->async_submit([&] { g.wait(); }, [](std::exception_ptr) {});
+    asio::cancellation_signal signal;
+    bool began = false;
+    error_code heard = asio::error::would_block;
+    spawn(ioc, true, signal, [&]() -> asio::awaitable<void> {
+        try {
+            co_await lim->submit([&]() -> asio::awaitable<void> {
+                began = true;
+                co_return;
+            });
+            heard = {};
+        } catch (const boost::system::system_error& e) {
+            heard = e.code();
+        }
+    });
+    ioc.poll(); // the coroutine submits; its task waits in the queue
+    ASSERT_EQ(lim->queued(), 1u);
+    signal.emit(asio::cancellation_type::terminal); // posted to the coroutine's executor
+    g.open();
+    const auto give_up = std::chrono::steady_clock::now() + 10s;
+    while (lim->queued() != 0 && std::chrono::steady_clock::now() < give_up) std::this_thread::sleep_for(1ms);
+    ASSERT_EQ(lim->queued(), 0u) << "the worker did not start the queued task";
+    ioc.run_for(10s); // the cancellation, then the task's turn
+    EXPECT_FALSE(began);
+    EXPECT_EQ(heard, asio::error::operation_aborted);
+    EXPECT_EQ(lim->running(), 0u);
+    EXPECT_EQ(lim->stats().cancelled, 1u);
+    pool.join();
+}
+
 TEST(limiter, try_enter_takes_a_slot_and_a_token_now_or_says_why_not)
 {
     asio::io_context ioc;

@@ -22,6 +22,7 @@
 #include <boost/asio/post.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/system/error_code.hpp>
+#include <boost/system/system_error.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -641,8 +642,11 @@ public:
     /// cancel (its cancellation slot is not connected, as under `co_spawn(ex, f, detached)`),
     /// runs once the limiter lets it start as a plain `co_await` in the submitter's coroutine:
     /// the wait for admission is the one post, and there is no `co_spawn`. From a cancellable
-    /// coroutine, `submit` is `async_submit(task, use_awaitable)`: a queued task can then be
-    /// removed, and a running one receives the cancellation, as described above.
+    /// coroutine the same holds: a queued task is removed by the cancellation (it never runs),
+    /// one the limiter has let start but that has not begun does not begin, and a running one
+    /// receives the cancellation in the operations it awaits. (A task that takes a
+    /// `std::stop_token`, submitted from a cancellable coroutine, runs as
+    /// `async_submit(task, use_awaitable)`, so that the cancellation also requests its stop.)
     template <class Task>
     auto submit(Task&& task)
     {
@@ -833,15 +837,28 @@ private:
         using traits = detail::task_traits<Task>;
         using result = typename traits::result;
         const asio::cancellation_state cancellation = co_await asio::this_coro::cancellation_state;
-        if (cancellation.slot().is_connected()) {
-            // Cancellable: the task runs as an operation of its own, so that the submitter's
-            // cancellation can remove it while queued and reaches it once running.
-            co_return co_await asio::async_initiate<const asio::use_awaitable_t<>&, typename traits::signature>(
-                initiation{}, asio::use_awaitable, core, user, std::move(task));
+        const bool cancellable = cancellation.slot().is_connected();
+        if constexpr (traits::stoppable) {
+            if (cancellable) {
+                // The submitter's cancellation must reach the task's stop token once it runs:
+                // the task runs as an operation of its own, whose slot the limiter keeps.
+                co_return co_await asio::async_initiate<const asio::use_awaitable_t<>&, typename traits::signature>(
+                    initiation{}, asio::use_awaitable, core, user, std::move(task));
+            }
         }
+        // While the ticket is queued, a cancellation removes it (the limiter's handler is in
+        // this coroutine's slot); once the task runs here, the operations it awaits see the
+        // cancellation themselves.
         const detail::admission admitted =
             co_await asio::async_initiate<const asio::use_awaitable_t<>&, void(std::exception_ptr, detail::admission)>(
                 admit_initiation<traits::stoppable>{}, asio::use_awaitable, core, user);
+        if (cancellable && cancellation.cancelled() != asio::cancellation_type::none) {
+            // Cancelled after the limiter let it start and before this coroutine resumed: the
+            // task does not begin.
+            detail::limiter_finished_before_handover(*core, admitted.id, detail::task_outcome::cancelled);
+            detail::limiter_handed_over(*core);
+            throw boost::system::system_error(asio::error::operation_aborted);
+        }
         std::exception_ptr failure;
         if constexpr (std::is_void_v<result>) {
             try {
