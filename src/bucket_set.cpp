@@ -193,6 +193,16 @@ bool bucket_set::try_acquire(std::size_t n) noexcept
     return detail::take_all(state_->buckets, n, clock::now());
 }
 
+void bucket_set::release(std::size_t n)
+{
+    if (n == 0) return;
+    const auto now = clock::now();
+    for (const auto& b : state_->buckets) {
+        b->core_.refund(n, now);
+        if (b->pending_.load(std::memory_order_acquire) != 0) b->wake();
+    }
+}
+
 bucket_set::time_point bucket_set::next_available(std::size_t n) const noexcept
 {
     return detail::earliest_all(state_->buckets, n, clock::now());

@@ -424,8 +424,8 @@ private:
                  std::chrono::duration_cast<std::chrono::nanoseconds>(pending_->now - waiting_since_)
                      .count());
         if (cancel_waiting_) {
-            // A token granted just before the cancellation landed is not returned: the resource
-            // has no way to take it back exactly.
+            // Cancelled as its token was granted: the token goes back, unused.
+            if (!ec) limits_->release(1);
             drop(std::move(e.job), asio::error::operation_aborted);
             refill();
         } else if (ec) {

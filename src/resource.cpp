@@ -39,6 +39,14 @@ resource::time_point bucket_resource::next_available(std::size_t n) const
     return set_ ? set_->next_available(n) : primary_.next_available(n);
 }
 
+void bucket_resource::release(std::size_t n)
+{
+    if (set_)
+        set_->release(n);
+    else
+        primary_.release(n);
+}
+
 double bucket_resource::available() const
 {
     double a = primary_.available();

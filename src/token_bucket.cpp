@@ -316,6 +316,13 @@ bool token_bucket::try_acquire(std::size_t n) noexcept { return detail::try_acqu
 
 void token_bucket::cancel() { impl_->cancel_all(); }
 
+void token_bucket::release(std::size_t n)
+{
+    if (n == 0) return;
+    impl_->core_.refund(n, clock::now());
+    if (impl_->pending_.load(std::memory_order_acquire) != 0) impl_->wake(); // the head may go sooner
+}
+
 void token_bucket::set_rate(rate r)
 {
     impl_->core_.set_rate(r, clock::now());

@@ -50,6 +50,20 @@ TEST(bucket_set, takes_from_all_or_from_none)
     EXPECT_FALSE(all.try_acquire(3)); // beyond a burst
 }
 
+TEST(bucket_set, release_gives_back_to_every_bucket)
+{
+    asio::io_context ioc;
+    token_bucket a{ioc, rate::per(1, 1h), 2};
+    token_bucket b{ioc, rate::per(1, 1h), 1};
+    bucket_set both{a, b};
+    ASSERT_TRUE(both.try_acquire());
+    EXPECT_FALSE(both.try_acquire()); // b is empty
+    both.release(1);
+    EXPECT_NEAR(a.available(), 2.0, 0.01);
+    EXPECT_NEAR(b.available(), 1.0, 0.01);
+    EXPECT_TRUE(both.try_acquire());
+}
+
 TEST(bucket_set, waits_for_the_slowest_without_holding_the_others)
 {
     asio::io_context ioc;

@@ -312,6 +312,37 @@ TEST(limiter, cancelling_a_queued_task_means_it_never_runs_and_takes_no_token)
     pool.join();
 }
 
+TEST(limiter, a_task_cancelled_as_its_token_is_granted_gives_the_token_back)
+{
+    // The limiter's decisions run on `ioc`, the bucket's queue on `bucket_ioc`: the token is
+    // granted there, the cancellation lands before the grant reaches the limiter.
+    asio::io_context ioc, bucket_ioc;
+    asio::thread_pool pool{1};
+    auto limits = std::make_shared<valve::bucket_resource>(bucket_ioc.get_executor(), rate::per(1, 1h), 1);
+    ASSERT_TRUE(limits->try_acquire(1)); // empty for the next hour
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), limits, limiter_options{}, pool.get_executor());
+    asio::cancellation_signal signal;
+    bool ran = false;
+    error_code heard = asio::error::would_block;
+    lim->async_submit([&] { ran = true; },
+                      asio::bind_cancellation_slot(signal.slot(), [&](std::exception_ptr e) { heard = code_of(e); }));
+    bucket_ioc.poll(); // the task's wait joins the bucket's queue
+    ASSERT_EQ(limits->primary().waiters(), 1u);
+    // A token every millisecond: the wait is granted (its completion goes to `ioc`, not run
+    // yet); then back to one an hour, so that no token accrues from here on.
+    limits->primary().set_rate(rate::per_second(1000));
+    bucket_ioc.run();
+    limits->primary().set_rate(rate::per(1, 1h));
+    ASSERT_LT(limits->available(), 0.5); // the grant took the token
+    signal.emit(asio::cancellation_type::terminal);
+    ioc.run();
+    EXPECT_FALSE(ran);
+    EXPECT_EQ(heard, asio::error::operation_aborted);
+    EXPECT_GT(limits->available(), 0.99) << "the unused token was not given back";
+    EXPECT_TRUE(limits->try_acquire(1));
+    pool.join();
+}
+
 TEST(limiter, cancellation_with_a_signal_reports_operation_aborted)
 {
     asio::io_context ioc;

@@ -61,6 +61,28 @@ TEST(token_bucket, try_acquire_grants_the_burst_then_refuses)
     EXPECT_LT(b.available(), 1.0);
 }
 
+TEST(token_bucket, release_gives_back_unused_tokens_up_to_the_burst_and_serves_waiters)
+{
+    asio::io_context ioc;
+    token_bucket b{ioc, rate::per(1, 1h), 3};
+    ASSERT_TRUE(b.try_acquire(3));
+    b.release(2);
+    EXPECT_NEAR(b.available(), 2.0, 0.01);
+    b.release(5); // never beyond the burst
+    EXPECT_NEAR(b.available(), 3.0, 0.01);
+    ASSERT_TRUE(b.try_acquire(3));
+    // A queued waiter is served by a release, not an hour later.
+    result r;
+    b.async_acquire(1, r.handler());
+    ioc.poll();
+    ASSERT_EQ(r.calls, 0);
+    b.release(1);
+    ioc.poll();
+    EXPECT_EQ(r.calls, 1);
+    EXPECT_FALSE(r.ec);
+    EXPECT_LT(b.available(), 0.01);
+}
+
 TEST(token_bucket, async_acquire_never_completes_inside_the_initiating_call)
 {
     asio::io_context ioc;

@@ -79,6 +79,10 @@ public:
             initiation{}, token, state_, n, deadline);
     }
 
+    /// Gives back `n` tokens to every bucket (taken together and not used): see
+    /// `token_bucket::release`.
+    void release(std::size_t n = 1);
+
     /// When `n` tokens could be taken from every bucket, behind their queued waiters.
     time_point next_available(std::size_t n = 1) const noexcept;
 

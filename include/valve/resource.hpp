@@ -38,6 +38,10 @@ public:
     /// When `n` tokens could be had by a caller arriving now.
     virtual time_point next_available(std::size_t n) const = 0;
 
+    /// Gives back `n` tokens taken and not used (a task cancelled at the instant its token was
+    /// granted). A resource that cannot take tokens back keeps them spent: the default.
+    virtual void release(std::size_t /*n*/) {}
+
     /// Tokens a caller arriving now could take (the least over all limits); infinity when
     /// unlimited.
     virtual double available() const = 0;
@@ -60,6 +64,7 @@ public:
     bool try_acquire(std::size_t n) override;
     void async_acquire(std::size_t n, detail::acquire_handler handler) override;
     time_point next_available(std::size_t n) const override;
+    void release(std::size_t n) override;
     double available() const override;
 
 private:

@@ -101,6 +101,11 @@ public:
     /// Completes every queued waiter with `operation_aborted`. Later calls work as usual.
     void cancel();
 
+    /// Gives back `n` tokens that were taken and not used (their work was cancelled after the
+    /// grant): the bucket is as if they had not been taken, up to its burst (tokens whose time
+    /// has passed are not restored beyond it), and queued waiters are served sooner.
+    void release(std::size_t n = 1);
+
     /// Changes the rate, keeping the tokens accrued so far; queued waiters are re-planned.
     /// Throws `valve::error` (`errc::invalid_argument`) for an invalid rate.
     void set_rate(rate r);
