@@ -6,7 +6,10 @@
 #include <valve/error.hpp>
 #include <valve/log.hpp>
 
+#include <boost/asio/execution/context.hpp>
+#include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/query.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
 #include <boost/asio/use_future.hpp>
@@ -15,6 +18,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <future>
 #include <atomic>
 #include <map>
 #include <mutex>
@@ -451,7 +455,24 @@ void manager::start_shutdown(detail::acquire_handler handler, std::chrono::nanos
 
 void manager::shutdown(std::chrono::nanoseconds grace)
 {
-    async_shutdown(grace, asio::use_future).get();
+    const auto* io = state_->executor.target<asio::io_context::executor_type>();
+    if (io && io->running_in_this_thread())
+        detail::throw_error(errc::invalid_argument,
+                            "manager::shutdown: called on a thread that runs the manager's io_context, which must "
+                            "run for the shutdown to complete: it would wait forever; use async_shutdown there");
+    auto done = async_shutdown(grace, asio::use_future);
+    if (io) {
+        // A stopped io_context (its run() has returned) is run by no thread: this one runs it
+        // until the shutdown has completed, so that waiting for it cannot hang.
+        asio::io_context& ctx = asio::query(*io, asio::execution::context);
+        while (done.wait_for(std::chrono::milliseconds(10)) != std::future_status::ready) {
+            if (!ctx.stopped()) continue; // run elsewhere
+            ctx.restart();
+            while (done.wait_for(std::chrono::seconds(0)) != std::future_status::ready && !ctx.stopped())
+                ctx.run_one_for(std::chrono::milliseconds(10));
+        }
+    }
+    done.get();
     state_->join_pools();
 }
 

@@ -297,6 +297,40 @@ TEST(manager, a_manager_with_its_own_thread_shuts_down_cleanly)
     EXPECT_EQ(refused.load(), 1);
 }
 
+TEST(manager, shutdown_runs_a_stopped_io_context_itself)
+{
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    mgr.register_profile("p", valve::shared_resource("k", rate::per(1, 1h), 1), valve::worker_pool(1, 10));
+    auto l = mgr.get_limiter("p", "u");
+    int ran = 0;
+    l->async_submit([&] { ++ran; }, [](std::exception_ptr) {});
+    ioc.run(); // returns once the task is done: the io_context is stopped from here on
+    ASSERT_TRUE(ioc.stopped());
+    std::vector<error_code> heard;
+    for (int i = 0; i < 2; ++i) // no token for an hour: they wait in the queue
+        l->async_submit([&] { ++ran; }, [&](std::exception_ptr e) { heard.push_back(code_of(e)); });
+    const auto start = std::chrono::steady_clock::now();
+    mgr.shutdown(20ms); // runs `ioc` until the grace is over and the backlog aborted
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 10s);
+    EXPECT_EQ(ran, 1);
+    EXPECT_EQ(heard, (std::vector<error_code>{asio::error::operation_aborted, asio::error::operation_aborted}));
+}
+
+TEST(manager, shutdown_from_inside_its_io_context_is_an_error_not_a_hang)
+{
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    mgr.register_profile("p", valve::shared_resource("k", rate::per_second(10)), valve::worker_pool(1, 10));
+    error_code refused;
+    asio::post(ioc, [&] { refused = thrown_by([&] { mgr.shutdown(); }); });
+    ioc.run();
+    EXPECT_EQ(refused, valve::errc::invalid_argument);
+    // From outside, it works.
+    mgr.shutdown();
+    EXPECT_EQ(thrown_by([&] { mgr.get_limiter("p", "u"); }), valve::errc::shutting_down);
+}
+
 TEST(manager, stats_add_up_and_a_stall_is_logged)
 {
     auto lines = std::make_shared<std::ostringstream>();

@@ -196,10 +196,13 @@ public:
             token, this, std::chrono::duration_cast<std::chrono::nanoseconds>(grace));
     }
 
-    /// Blocking `async_shutdown`, then joins the profiles' threads. The manager's executor must
-    /// be running on another thread meanwhile (its completions are delivered there): with
-    /// `manager{ioc.get_executor()}`, call it while `ioc.run()` runs elsewhere, or use
-    /// `async_shutdown`; never from a thread that runs that executor.
+    /// Blocking `async_shutdown`, then joins the profiles' threads. The shutdown's steps and
+    /// completions run on the manager's executor: with `manager{ioc.get_executor()}`, either
+    /// `ioc.run()` runs on another thread meanwhile, or `ioc` is stopped (its `run()` has
+    /// returned), and then this call runs it (restarted) until the shutdown completes, handlers
+    /// of the program's own included. Throws `valve::error` (`errc::invalid_argument`) when
+    /// called from a thread inside that `io_context`'s `run()`, where it could only hang: use
+    /// `async_shutdown` there. (An `io_context` never run, and not running, is not detected.)
     void shutdown(std::chrono::nanoseconds grace = std::chrono::seconds(30));
 
 private:
