@@ -1035,13 +1035,20 @@ TEST(limiter, try_enter_does_not_jump_the_queue_and_a_shutdown_waits_for_permits
                                          pool.get_executor());
     valve::permit held = lim->try_enter();
     ASSERT_TRUE(held);
-    bool ran = false;
-    lim->async_submit([&] { ran = true; }, [](std::exception_ptr) {}); // queued behind the permit
+    std::atomic<bool> ran = false;
+    gate g; // holds the slot once the task has it, so that the check below cannot race its end
+    lim->async_submit(
+        [&] {
+            g.wait();
+            ran = true;
+        },
+        [](std::exception_ptr) {}); // queued behind the permit
     ASSERT_EQ(lim->queued(), 1u);
     error_code ec;
     held.release(); // the queued task takes the slot
     EXPECT_FALSE(lim->try_enter(ec)) << "a queued task is ahead, or holds the only slot";
     EXPECT_EQ(ec, valve::errc::queue_full);
+    g.open();
     ioc.run();
     EXPECT_TRUE(ran);
     ioc.restart();
