@@ -42,7 +42,7 @@ TEST(fair_queue, users_take_turns)
     EXPECT_EQ(serve_all(q), (std::vector<std::string>{"flood0", "single", "x0", "flood1", "x1", "flood2"}));
 }
 
-TEST(fair_queue, a_flood_delays_a_newcomer_by_one_turn_at_most)
+TEST(fair_queue, a_newcomer_goes_ahead_of_a_flood_just_served)
 {
     fair_queue<int> q;
     std::uint64_t id = 0;
@@ -53,7 +53,48 @@ TEST(fair_queue, a_flood_delays_a_newcomer_by_one_turn_at_most)
     q.push(++id, 2, -1);
     int position = 0;
     while (q.take_next() != -1) ++position;
-    EXPECT_LE(position, 1);
+    EXPECT_EQ(position, 0);
+}
+
+TEST(fair_queue, newcomers_go_ahead_of_the_user_served_last_but_not_of_users_waiting)
+{
+    fair_queue<std::string> q;
+    std::uint64_t id = 0;
+    q.push(++id, 1, "a0");
+    q.push(++id, 1, "a1");
+    q.push(++id, 2, "b0");
+    q.push(++id, 2, "b1");
+    EXPECT_EQ(q.take_next(), "a0"); // a was served last; b waits
+    q.push(++id, 3, "c0");          // c arrives: behind b, ahead of a
+    q.push(++id, 4, "d0");          // d arrives: behind c
+    EXPECT_EQ(serve_all(q), (std::vector<std::string>{"b0", "c0", "d0", "a1", "b1"}));
+}
+
+TEST(fair_queue, a_newcomer_goes_ahead_of_a_user_who_was_just_served_and_refilled)
+{
+    // A user's first item is taken as soon as it arrives (it empties its queue), then it
+    // queues more; another user arrives after that. The newcomer has the next turn.
+    fair_queue<std::string> q;
+    std::uint64_t id = 0;
+    q.push(++id, 1, "a0");
+    EXPECT_EQ(q.take_next(), "a0");
+    q.push(++id, 1, "a1");
+    q.push(++id, 1, "a2");
+    q.push(++id, 2, "b0");
+    q.push(++id, 2, "b1");
+    EXPECT_EQ(serve_all(q), (std::vector<std::string>{"b0", "a1", "b1", "a2"}));
+}
+
+TEST(fair_queue, a_user_who_empties_and_refills_goes_behind_those_waiting)
+{
+    fair_queue<std::string> q;
+    std::uint64_t id = 0;
+    q.push(++id, 1, "a0");
+    q.push(++id, 2, "b0");
+    q.push(++id, 2, "b1");
+    EXPECT_EQ(q.take_next(), "a0"); // a has nothing left: it leaves
+    q.push(++id, 1, "a1");          // and comes back at once
+    EXPECT_EQ(serve_all(q), (std::vector<std::string>{"b0", "a1", "b1"}));
 }
 
 TEST(fair_queue, cancelling_keeps_order_and_turns)

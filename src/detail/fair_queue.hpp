@@ -19,6 +19,12 @@ namespace valve::detail {
 /// within each user's own items: a user with a thousand items queued delays another user's
 /// single item by at most one item of every other user with work.
 ///
+/// Turns go to the user served least recently: a user just served goes to the back, and a
+/// user who arrives (with no items queued before) goes ahead of the user served last, as if
+/// served just before it. So a newcomer never waits behind a user who has just had a turn
+/// (alone in the queue, that user would otherwise keep the turn), and a user who empties its
+/// queue and refills it at once still goes behind every user who was waiting.
+///
 /// Items are named by unique ids; an item can be removed (cancelled) by its user and id in the
 /// length of that user's queue. Each user's
 /// items are a linked list of nodes that are kept for reuse (a few of them) once taken, and a
@@ -78,6 +84,8 @@ public:
     {
         user_state& u = *turn_;
         T value = unlink_head(u);
+        served_last_ = u.user;
+        has_served_ = true;
         if (u.head)
             turn_ = u.ring_next;
         else
@@ -205,7 +213,9 @@ private:
         return u;
     }
 
-    // A user with new work joins the ring as the last to take a turn.
+    // A user with new work joins the ring as the last to take a turn, but ahead of the user
+    // served last if that one is in the ring: it is then last (or alone, with the turn). The
+    // user served last, coming back, is simply last.
     void join(user_state& u) noexcept
     {
         if (!turn_) {
@@ -213,11 +223,15 @@ private:
             turn_ = &u;
             return;
         }
-        user_state* last = turn_->ring_prev;
+        user_state* recent = has_served_ && turn_->ring_prev->user == served_last_ ? turn_->ring_prev : nullptr;
+        const bool newcomer = !(has_served_ && u.user == served_last_);
+        user_state* before = newcomer && recent ? recent : turn_;
+        user_state* last = before->ring_prev;
         u.ring_prev = last;
-        u.ring_next = turn_;
+        u.ring_next = before;
         last->ring_next = &u;
-        turn_->ring_prev = &u;
+        before->ring_prev = &u;
+        if (newcomer && recent == turn_) turn_ = &u; // the user served last was alone: the newcomer goes first
     }
 
     // A user without work leaves the ring; if it had the turn, the next user has it.
@@ -240,9 +254,11 @@ private:
 
     user_map users_;
     user_state* turn_ = nullptr; // the user whose turn it is; the ring runs on from there
+    std::uint64_t served_last_ = 0; // the user served last (if `has_served_`), in the ring or not
     std::size_t size_ = 0;
     node* spare_ = nullptr;
-    std::size_t spare_count_ = 0;
+    std::uint32_t spare_count_ = 0;
+    bool has_served_ = false;
     typename user_map::node_type spare_user_;
 };
 
