@@ -566,7 +566,9 @@ private:
         pending_ = nullptr;
         // Refusals are handed over after the lock: until they are, no shutdown completes.
         const std::size_t refused = todo.drop.size();
-        if (refused != 0) unsettled_.fetch_add(refused);
+        // (A decision drops at most the jobs in memory: far fewer than 2^32.)
+        const auto refused_count = static_cast<std::uint32_t>(refused);
+        if (refused != 0) unsettled_.fetch_add(refused_count);
         lock.unlock();
         for (auto& source : todo.stop) source.request_stop();
         for (auto& [job, ec] : todo.drop) job->abort(ec);
@@ -576,7 +578,7 @@ private:
         }
         for (auto& h : todo.done) asio::post(home_->executor, asio::append(std::move(h), boost::system::error_code{}));
         todo.released_work.clear();
-        if (refused != 0 && unsettled_.fetch_sub(refused) == refused) after_handover();
+        if (refused != 0 && unsettled_.fetch_sub(refused_count) == refused_count) after_handover();
     }
 
     // Outcomes have been handed over: a shutdown that waited only for them may now complete.
@@ -591,9 +593,7 @@ private:
 
     fair_queue<entry> queue_; // admitted: round-robin between users, FIFO within
     entry waiting_;           // the next task, waiting for its token (if its job is set)
-    bool cancel_waiting_ = false;
     asio::cancellation_signal acquire_cancel_;
-    bool closing_ = false;
     struct shutdown_state {
         explicit shutdown_state(const asio::any_io_executor& ex) : grace_timer(ex) {}
         asio::steady_timer grace_timer;
@@ -724,17 +724,20 @@ private:
     std::atomic<std::size_t> running_{0};
     // Submissions that have started or been dropped: written under the lock only.
     std::atomic<std::uint64_t> left_{0};
-    // Reasons a finishing task must take the lock even with nothing queued: a shutdown in
-    // progress (the count may now reach zero) and running tasks with stop sources to drop.
-    std::atomic<std::size_t> attention_{0};
     // Finished blocking jobs waiting for their batch to run (a stack; see deliver()).
     std::atomic<job_base*> done_{nullptr};
-    // Batches of finished jobs being completed, and refusals decided but not yet handed over:
-    // a shutdown completes only once both are zero (see maybe_finish_shutdown()).
-    std::atomic<std::size_t> batches_{0}, unsettled_{0};
     // Submitted jobs waiting for a decision while the lock was busy (a stack; see submit()).
     std::atomic<job_base*> inbox_{nullptr};
-    std::atomic<bool> admitting_{false};
+    // Small fields together (an idle limiter is kept small: see BENCHMARKS.md).
+    // Reasons a finishing task must take the lock even with nothing queued: a shutdown in
+    // progress (the count may now reach zero) and running tasks with stop sources to drop.
+    std::atomic<std::uint32_t> attention_{0};
+    // Batches of finished jobs being completed, and refusals decided but not yet handed over:
+    // a shutdown completes only once both are zero (see maybe_finish_shutdown()).
+    std::atomic<std::uint32_t> batches_{0}, unsettled_{0};
+    std::atomic<bool> admitting_{false}; // a submitter is admitting the inbox
+    bool cancel_waiting_ = false;        // under the lock: the next task's token wait is cancelled
+    bool closing_ = false;               // under the lock: refusing new tasks, for good
     // Statistics: relaxed counters, read by stats() from any thread.
     std::atomic<std::uint64_t> submitted_{0}, rejected_{0}, completed_{0}, failed_{0}, cancelled_{0};
     std::atomic<std::int64_t> queue_ns_total_{0}, queue_ns_max_{0}, token_ns_total_{0}, token_ns_max_{0};
