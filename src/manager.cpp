@@ -7,8 +7,10 @@
 #include <valve/log.hpp>
 
 #include <boost/asio/execution/context.hpp>
+#include <boost/asio/execution/outstanding_work.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/prefer.hpp>
 #include <boost/asio/query.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
@@ -22,6 +24,7 @@
 #include <atomic>
 #include <map>
 #include <mutex>
+#include <type_traits>
 #include <unordered_map>
 
 namespace asio = boost::asio;
@@ -453,24 +456,42 @@ void manager::start_shutdown(detail::acquire_handler handler, std::chrono::nanos
     one_done({});
 }
 
+namespace {
+
+// The io_context behind `ex`, if `ex` is one's executor (tracking work or not).
+asio::io_context* io_context_of(const asio::any_io_executor& ex) noexcept
+{
+    using tracked = std::decay_t<decltype(asio::prefer(std::declval<asio::io_context::executor_type>(),
+                                                       asio::execution::outstanding_work.tracked))>;
+    if (const auto* io = ex.target<asio::io_context::executor_type>()) return &asio::query(*io, asio::execution::context);
+    if (const auto* io = ex.target<tracked>()) return &asio::query(*io, asio::execution::context);
+    return nullptr;
+}
+
+} // namespace
+
 void manager::shutdown(std::chrono::nanoseconds grace)
 {
-    const auto* io = state_->executor.target<asio::io_context::executor_type>();
-    if (io && io->running_in_this_thread())
+    asio::io_context* io = io_context_of(state_->executor);
+    if (io && io->get_executor().running_in_this_thread())
         detail::throw_error(errc::invalid_argument,
                             "manager::shutdown: called on a thread that runs the manager's io_context, which must "
                             "run for the shutdown to complete: it would wait forever; use async_shutdown there");
     auto done = async_shutdown(grace, asio::use_future);
     if (io) {
         // A stopped io_context (its run() has returned) is run by no thread: this one runs it
-        // until the shutdown has completed, so that waiting for it cannot hang.
-        asio::io_context& ctx = asio::query(*io, asio::execution::context);
+        // until the shutdown has completed, so that waiting for it cannot hang. It is left
+        // stopped again, as it was found.
+        asio::io_context& ctx = *io;
+        bool restarted = false;
         while (done.wait_for(std::chrono::milliseconds(10)) != std::future_status::ready) {
             if (!ctx.stopped()) continue; // run elsewhere
             ctx.restart();
+            restarted = true;
             while (done.wait_for(std::chrono::seconds(0)) != std::future_status::ready && !ctx.stopped())
                 ctx.run_one_for(std::chrono::milliseconds(10));
         }
+        if (restarted) ctx.stop();
     }
     done.get();
     state_->join_pools();

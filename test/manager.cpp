@@ -5,7 +5,10 @@
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/execution/outstanding_work.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/prefer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
 #include <spdlog/logger.h>
@@ -315,20 +318,29 @@ TEST(manager, shutdown_runs_a_stopped_io_context_itself)
     EXPECT_LT(std::chrono::steady_clock::now() - start, 10s);
     EXPECT_EQ(ran, 1);
     EXPECT_EQ(heard, (std::vector<error_code>{asio::error::operation_aborted, asio::error::operation_aborted}));
+    EXPECT_TRUE(ioc.stopped()) << "left running, as it was not found";
 }
 
 TEST(manager, shutdown_from_inside_its_io_context_is_an_error_not_a_hang)
 {
-    asio::io_context ioc;
-    valve::manager mgr{ioc.get_executor()};
-    mgr.register_profile("p", valve::shared_resource("k", rate::per_second(10)), valve::worker_pool(1, 10));
-    error_code refused;
-    asio::post(ioc, [&] { refused = thrown_by([&] { mgr.shutdown(); }); });
-    ioc.run();
-    EXPECT_EQ(refused, valve::errc::invalid_argument);
-    // From outside, it works.
-    mgr.shutdown();
-    EXPECT_EQ(thrown_by([&] { mgr.get_limiter("p", "u"); }), valve::errc::shutting_down);
+    for (const bool tracked : {false, true}) {
+        asio::io_context ioc;
+        const asio::any_io_executor ex =
+            tracked ? asio::any_io_executor{asio::prefer(ioc.get_executor(), asio::execution::outstanding_work.tracked)}
+                    : asio::any_io_executor{ioc.get_executor()};
+        valve::manager mgr{ex};
+        mgr.register_profile("p", valve::shared_resource("k", rate::per_second(10)), valve::worker_pool(1, 10));
+        error_code refused;
+        asio::post(ioc, [&] {
+            refused = thrown_by([&] { mgr.shutdown(); });
+            ioc.stop(); // a tracking executor keeps `ioc` from running out of work
+        });
+        ioc.run();
+        EXPECT_EQ(refused, valve::errc::invalid_argument) << "tracked: " << tracked;
+        // From outside, it works.
+        mgr.shutdown();
+        EXPECT_EQ(thrown_by([&] { mgr.get_limiter("p", "u"); }), valve::errc::shutting_down);
+    }
 }
 
 TEST(manager, stats_add_up_and_a_stall_is_logged)

@@ -198,9 +198,10 @@ public:
 
     /// Blocking `async_shutdown`, then joins the profiles' threads. The shutdown's steps and
     /// completions run on the manager's executor: with `manager{ioc.get_executor()}`, either
-    /// `ioc.run()` runs on another thread meanwhile, or `ioc` is stopped (its `run()` has
-    /// returned), and then this call runs it (restarted) until the shutdown completes, handlers
-    /// of the program's own included. Throws `valve::error` (`errc::invalid_argument`) when
+    /// `ioc.run()` runs on another thread meanwhile, or `ioc` is stopped and no thread is inside
+    /// its `run()` (it has returned), and then this call runs it (restarted, and stopped again
+    /// before returning) until the shutdown completes, handlers of the program's own included.
+    /// Throws `valve::error` (`errc::invalid_argument`) when
     /// called from a thread inside that `io_context`'s `run()`, where it could only hang: use
     /// `async_shutdown` there. (An `io_context` never run, and not running, is not detected.)
     void shutdown(std::chrono::nanoseconds grace = std::chrono::seconds(30));
