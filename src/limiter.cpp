@@ -130,6 +130,8 @@ public:
                   bool handover_follows = false)
     {
         if (handover_follows) unsettled_.fetch_add(1); // before the slot is free: see maybe_finish_shutdown()
+        // Started and then cancelled before it began: its token goes back, unused.
+        if (outcome == task_outcome::cancelled) limits_->release(1);
         count(outcome);
         free_slot(id, hand_back);
     }

@@ -234,7 +234,7 @@ TEST(limiter, tasks_waiting_for_room_can_be_cancelled_and_keep_their_order)
         limiter_options{.concurrency = 1, .queue_capacity = 1, .on_queue_full = valve::queue_full_policy::wait},
         pool.get_executor());
     gate first;
-    constexpr int n = 12;
+    constexpr int n = 13;
     std::vector<int> order;
     std::vector<error_code> outcome(n);
     std::vector<asio::cancellation_signal> signals(n);
@@ -256,15 +256,16 @@ TEST(limiter, tasks_waiting_for_room_can_be_cancelled_and_keep_their_order)
     submit(11);                                         // 10 and 11 join the list behind them
     signals[10].emit(asio::cancellation_type::terminal); // the list is indexed again
     signals[3].emit(asio::cancellation_type::terminal);  // found in the index made first
-    EXPECT_EQ(lim->queued(), 8u);                         // 1, 2, 4, 6, 7, 8, 9, 11
+    submit(12);                                           // the list again, behind the index
+    EXPECT_EQ(lim->queued(), 9u);                         // 1, 2, 4, 6, 7, 8, 9, 11, 12
     first.open();
     ioc.run();
-    EXPECT_EQ(order, (std::vector<int>{0, 1, 2, 4, 6, 7, 8, 9, 11}));
+    EXPECT_EQ(order, (std::vector<int>{0, 1, 2, 4, 6, 7, 8, 9, 11, 12}));
     EXPECT_EQ(outcome[3], asio::error::operation_aborted);
     EXPECT_EQ(outcome[5], asio::error::operation_aborted);
     EXPECT_EQ(outcome[10], asio::error::operation_aborted);
     EXPECT_EQ(lim->stats().cancelled, 3u);
-    EXPECT_EQ(lim->stats().completed, 9u);
+    EXPECT_EQ(lim->stats().completed, 10u);
     pool.join();
 }
 
@@ -328,12 +329,12 @@ TEST(limiter, a_task_cancelled_as_its_token_is_granted_gives_the_token_back)
                       asio::bind_cancellation_slot(signal.slot(), [&](std::exception_ptr e) { heard = code_of(e); }));
     bucket_ioc.poll(); // the task's wait joins the bucket's queue
     ASSERT_EQ(limits->primary().waiters(), 1u);
-    // A token every millisecond: the wait is granted (its completion goes to `ioc`, not run
-    // yet); then back to one an hour, so that no token accrues from here on.
-    limits->primary().set_rate(rate::per_second(1000));
+    // A token given back to the bucket (by someone else) grants the wait; its completion goes
+    // to `ioc`, not run yet.
+    limits->primary().release(1);
     bucket_ioc.run();
-    limits->primary().set_rate(rate::per(1, 1h));
-    ASSERT_LT(limits->available(), 0.5); // the grant took the token
+    ASSERT_EQ(limits->primary().waiters(), 0u);
+    ASSERT_LT(limits->available(), 0.01); // the grant took the token
     signal.emit(asio::cancellation_type::terminal);
     ioc.run();
     EXPECT_FALSE(ran);
@@ -925,7 +926,9 @@ TEST(limiter, a_cancellation_that_beats_its_async_tasks_start_keeps_it_from_runn
     // yet). The task must not begin, and the submitter hears operation_aborted.
     asio::io_context ioc;
     asio::thread_pool pool{1};
-    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{.concurrency = 1},
+    // Two tokens, none more for an hour: the gate's task takes one, the task below the other.
+    auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::per(1, 1h), 2);
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), limits, limiter_options{.concurrency = 1},
                                          pool.get_executor());
     gate g;
     lim->async_submit([&] { g.wait(); }, [](std::exception_ptr) {});
@@ -950,18 +953,20 @@ TEST(limiter, a_cancellation_that_beats_its_async_tasks_start_keeps_it_from_runn
     EXPECT_EQ(heard, asio::error::operation_aborted);
     EXPECT_EQ(lim->running(), 0u);
     EXPECT_EQ(lim->stats().cancelled, 1u);
+    EXPECT_NEAR(limits->available(), 1.0, 0.01) << "the token of the task that never began was not given back";
     pool.join();
 }
 
 TEST(limiter, a_cancellation_that_beats_the_start_of_a_task_submitted_from_a_coroutine_keeps_it_from_running)
 {
-    // As above, for `co_await submit(task)` from a cancellable coroutine. A co_spawned
-    // coroutine hears a cancellation on its executor, in order: here it is emitted while the
-    // task is queued, reaches the coroutine only after the limiter has let the task start, and
-    // is still ahead of the coroutine's resumption.
+    // As above, for `co_await submit(task)` from a cancellable coroutine: the limiter lets the
+    // task start (its turn is posted to the coroutine), and the cancellation reaches the
+    // coroutine before it resumes.
     asio::io_context ioc;
     asio::thread_pool pool{1};
-    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{.concurrency = 1},
+    // Two tokens, none more for an hour: the gate's task takes one, the task below the other.
+    auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::per(1, 1h), 2);
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), limits, limiter_options{.concurrency = 1},
                                          pool.get_executor());
     gate g;
     lim->async_submit([&] { g.wait(); }, [](std::exception_ptr) {});
@@ -981,7 +986,8 @@ TEST(limiter, a_cancellation_that_beats_the_start_of_a_task_submitted_from_a_cor
     });
     ioc.poll(); // the coroutine submits; its task waits in the queue
     ASSERT_EQ(lim->queued(), 1u);
-    signal.emit(asio::cancellation_type::terminal); // posted to the coroutine's executor
+    // Emitted on the io_context, ahead of the task's turn, which the worker posts after it.
+    asio::post(ioc, [&] { signal.emit(asio::cancellation_type::terminal); });
     g.open();
     const auto give_up = std::chrono::steady_clock::now() + 10s;
     while (lim->queued() != 0 && std::chrono::steady_clock::now() < give_up) std::this_thread::sleep_for(1ms);
@@ -991,6 +997,7 @@ TEST(limiter, a_cancellation_that_beats_the_start_of_a_task_submitted_from_a_cor
     EXPECT_EQ(heard, asio::error::operation_aborted);
     EXPECT_EQ(lim->running(), 0u);
     EXPECT_EQ(lim->stats().cancelled, 1u);
+    EXPECT_NEAR(limits->available(), 1.0, 0.01) << "the token of the task that never began was not given back";
     pool.join();
 }
 

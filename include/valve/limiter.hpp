@@ -838,6 +838,9 @@ private:
         using result = typename traits::result;
         const asio::cancellation_state cancellation = co_await asio::this_coro::cancellation_state;
         const bool cancellable = cancellation.slot().is_connected();
+        // What the coroutine was told before this submission (if it does not throw on it) is
+        // not this task's cancellation.
+        const asio::cancellation_type_t told_before = cancellation.cancelled();
         if constexpr (traits::stoppable) {
             if (cancellable) {
                 // The submitter's cancellation must reach the task's stop token once it runs:
@@ -852,9 +855,9 @@ private:
         const detail::admission admitted =
             co_await asio::async_initiate<const asio::use_awaitable_t<>&, void(std::exception_ptr, detail::admission)>(
                 admit_initiation<traits::stoppable>{}, asio::use_awaitable, core, user);
-        if (cancellable && cancellation.cancelled() != asio::cancellation_type::none) {
+        if (cancellable && cancellation.cancelled() != told_before) {
             // Cancelled after the limiter let it start and before this coroutine resumed: the
-            // task does not begin.
+            // task does not begin (and its token goes back).
             detail::limiter_finished_before_handover(*core, admitted.id, detail::task_outcome::cancelled);
             detail::limiter_handed_over(*core);
             throw boost::system::system_error(asio::error::operation_aborted);

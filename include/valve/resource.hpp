@@ -20,7 +20,9 @@ class bucket_set;
 /// limits by. In-process token buckets stand here today; a limit shared by many processes (held
 /// in Redis, say) can stand here later without changing limiters or their callers.
 ///
-/// Thread safety: implementations must allow every member to be called from any thread.
+/// Thread safety: implementations must allow every member to be called from any thread. A
+/// limiter calls them under its lock: they must not block or call back into the limiter
+/// (complete `async_acquire` through the handler's executor, as Asio operations do).
 class resource {
 public:
     using clock = std::chrono::steady_clock;
