@@ -919,42 +919,60 @@ TEST(limiter, every_submitter_hears_before_the_shutdown_completes)
     }
 }
 
-TEST(limiter, a_cancellation_that_beats_its_async_tasks_start_keeps_it_from_running)
-{
-    // A worker frees the slot and the limiter starts the queued async task; its submitter
-    // cancels before the start reaches the submitter's executor (the io_context is not running
-    // yet). The task must not begin, and the submitter hears operation_aborted.
+// A limiter with one slot, held by a blocking task on a gate, and two tokens (none more for
+// an hour): the held task takes one, the async task under test the other. The test lets the
+// limiter start the async task and cancels it before it begins on its executor.
+struct started_then_cancelled {
     asio::io_context ioc;
     asio::thread_pool pool{1};
-    // Two tokens, none more for an hour: the gate's task takes one, the task below the other.
-    auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::per(1, 1h), 2);
-    auto lim = std::make_shared<limiter>(ioc.get_executor(), limits, limiter_options{.concurrency = 1},
-                                         pool.get_executor());
+    std::shared_ptr<valve::bucket_resource> limits =
+        std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::per(1, 1h), 2);
+    std::shared_ptr<limiter> lim = std::make_shared<limiter>(ioc.get_executor(), limits,
+                                                             limiter_options{.concurrency = 1}, pool.get_executor());
     gate g;
-    lim->async_submit([&] { g.wait(); }, [](std::exception_ptr) {});
     asio::cancellation_signal signal;
     bool began = false;
     error_code heard = asio::error::would_block;
-    lim->async_submit(
+
+    started_then_cancelled() { lim->async_submit([this] { g.wait(); }, [](std::exception_ptr) {}); }
+
+    // The held task ends; a pool worker frees its slot and starts the queued one.
+    void let_the_task_start()
+    {
+        g.open();
+        const auto give_up = std::chrono::steady_clock::now() + 10s;
+        while (lim->queued() != 0 && std::chrono::steady_clock::now() < give_up) std::this_thread::sleep_for(1ms);
+        ASSERT_EQ(lim->queued(), 0u) << "the worker did not start the queued task";
+    }
+
+    void expect_it_never_began()
+    {
+        ioc.run_for(10s);
+        EXPECT_FALSE(began);
+        EXPECT_EQ(heard, asio::error::operation_aborted);
+        EXPECT_EQ(lim->running(), 0u);
+        EXPECT_EQ(lim->stats().cancelled, 1u);
+        EXPECT_NEAR(limits->available(), 1.0, 0.01) << "the token of the task that never began was not given back";
+        pool.join();
+    }
+};
+
+TEST(limiter, a_cancellation_that_beats_its_async_tasks_start_keeps_it_from_running)
+{
+    // The submitter cancels before the start reaches its executor (the io_context is not
+    // running yet). The task must not begin, and the submitter hears operation_aborted.
+    started_then_cancelled t;
+    t.lim->async_submit(
         [&]() -> asio::awaitable<void> {
-            began = true;
-            asio::steady_timer t{ioc, 1h};
-            co_await t.async_wait(asio::use_awaitable);
+            t.began = true;
+            asio::steady_timer timer{t.ioc, 1h};
+            co_await timer.async_wait(asio::use_awaitable);
         },
-        asio::bind_cancellation_slot(signal.slot(), [&](std::exception_ptr e) { heard = code_of(e); }));
-    ASSERT_EQ(lim->queued(), 1u);
-    g.open();
-    const auto give_up = std::chrono::steady_clock::now() + 10s;
-    while (lim->queued() != 0 && std::chrono::steady_clock::now() < give_up) std::this_thread::sleep_for(1ms);
-    ASSERT_EQ(lim->queued(), 0u) << "the worker did not start the queued task";
-    signal.emit(asio::cancellation_type::terminal); // on this thread, the io_context's
-    ioc.run_for(10s);
-    EXPECT_FALSE(began);
-    EXPECT_EQ(heard, asio::error::operation_aborted);
-    EXPECT_EQ(lim->running(), 0u);
-    EXPECT_EQ(lim->stats().cancelled, 1u);
-    EXPECT_NEAR(limits->available(), 1.0, 0.01) << "the token of the task that never began was not given back";
-    pool.join();
+        asio::bind_cancellation_slot(t.signal.slot(), [&](std::exception_ptr e) { t.heard = code_of(e); }));
+    ASSERT_EQ(t.lim->queued(), 1u);
+    t.let_the_task_start();
+    t.signal.emit(asio::cancellation_type::terminal); // on this thread, the io_context's
+    t.expect_it_never_began();
 }
 
 TEST(limiter, a_cancellation_that_beats_the_start_of_a_task_submitted_from_a_coroutine_keeps_it_from_running)
@@ -962,43 +980,24 @@ TEST(limiter, a_cancellation_that_beats_the_start_of_a_task_submitted_from_a_cor
     // As above, for `co_await submit(task)` from a cancellable coroutine: the limiter lets the
     // task start (its turn is posted to the coroutine), and the cancellation reaches the
     // coroutine before it resumes.
-    asio::io_context ioc;
-    asio::thread_pool pool{1};
-    // Two tokens, none more for an hour: the gate's task takes one, the task below the other.
-    auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::per(1, 1h), 2);
-    auto lim = std::make_shared<limiter>(ioc.get_executor(), limits, limiter_options{.concurrency = 1},
-                                         pool.get_executor());
-    gate g;
-    lim->async_submit([&] { g.wait(); }, [](std::exception_ptr) {});
-    asio::cancellation_signal signal;
-    bool began = false;
-    error_code heard = asio::error::would_block;
-    spawn(ioc, true, signal, [&]() -> asio::awaitable<void> {
+    started_then_cancelled t;
+    spawn(t.ioc, true, t.signal, [&]() -> asio::awaitable<void> {
         try {
-            co_await lim->submit([&]() -> asio::awaitable<void> {
-                began = true;
+            co_await t.lim->submit([&]() -> asio::awaitable<void> {
+                t.began = true;
                 co_return;
             });
-            heard = {};
+            t.heard = {};
         } catch (const boost::system::system_error& e) {
-            heard = e.code();
+            t.heard = e.code();
         }
     });
-    ioc.poll(); // the coroutine submits; its task waits in the queue
-    ASSERT_EQ(lim->queued(), 1u);
+    t.ioc.poll(); // the coroutine submits; its task waits in the queue
+    ASSERT_EQ(t.lim->queued(), 1u);
     // Emitted on the io_context, ahead of the task's turn, which the worker posts after it.
-    asio::post(ioc, [&] { signal.emit(asio::cancellation_type::terminal); });
-    g.open();
-    const auto give_up = std::chrono::steady_clock::now() + 10s;
-    while (lim->queued() != 0 && std::chrono::steady_clock::now() < give_up) std::this_thread::sleep_for(1ms);
-    ASSERT_EQ(lim->queued(), 0u) << "the worker did not start the queued task";
-    ioc.run_for(10s); // the cancellation, then the task's turn
-    EXPECT_FALSE(began);
-    EXPECT_EQ(heard, asio::error::operation_aborted);
-    EXPECT_EQ(lim->running(), 0u);
-    EXPECT_EQ(lim->stats().cancelled, 1u);
-    EXPECT_NEAR(limits->available(), 1.0, 0.01) << "the token of the task that never began was not given back";
-    pool.join();
+    asio::post(t.ioc, [&] { t.signal.emit(asio::cancellation_type::terminal); });
+    t.let_the_task_start();
+    t.expect_it_never_began();
 }
 
 TEST(limiter, try_enter_takes_a_slot_and_a_token_now_or_says_why_not)
