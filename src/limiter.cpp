@@ -169,7 +169,11 @@ public:
             clock::now());
     }
 
-    /// The outcome of a job that finished with `handover_follows` has been handed over.
+    /// An outcome is on its way to its submitter: a shutdown waits until `handed_over`.
+    void unsettle() noexcept { unsettled_.fetch_add(1); }
+
+    /// The outcome of a job that finished with `handover_follows` (or after `unsettle`) has
+    /// been handed over.
     void handed_over()
     {
         if (unsettled_.fetch_sub(1) == 1) after_handover();
@@ -518,9 +522,10 @@ private:
             return;
         // Every outcome is handed over first, so that the shutdown's completion, posted after
         // them, never overtakes one: on a one-thread io_context each submitter has heard by the
-        // time the shutdown's waiter runs. (Read in this order: a worker hands its job over,
-        // then frees its slot; a batch counts itself, then takes the finished jobs.)
-        if (done_.load() != nullptr || batches_.load() != 0 || unsettled_.load() != 0) return;
+        // time the shutdown's waiter runs. (Read in this order: a finishing task counts itself
+        // unsettled, frees its slot, hands its outcome over (a blocking one onto the stack of
+        // finished jobs), then settles; a batch counts itself, then takes the finished jobs.)
+        if (unsettled_.load() != 0 || done_.load() != nullptr || batches_.load() != 0) return;
         if (inbox_.load() != nullptr) return; // its submitter admits it (and refuses it) next
         shutdown_->grace_timer.cancel();
         // Move-constructed one by one (never assigned: see STYLE.md on any_completion_handler).
@@ -734,8 +739,9 @@ private:
     // Reasons a finishing task must take the lock even with nothing queued: a shutdown in
     // progress (the count may now reach zero) and running tasks with stop sources to drop.
     std::atomic<std::uint32_t> attention_{0};
-    // Batches of finished jobs being completed, and refusals decided but not yet handed over:
-    // a shutdown completes only once both are zero (see maybe_finish_shutdown()).
+    // Batches of finished jobs being completed, and outcomes (finished tasks, refusals) decided
+    // but not yet handed over: a shutdown completes only once both are zero (see
+    // maybe_finish_shutdown()).
     std::atomic<std::uint32_t> batches_{0}, unsettled_{0};
     std::atomic<bool> admitting_{false}; // a submitter is admitting the inbox
     bool cancel_waiting_ = false;        // under the lock: the next task's token wait is cancelled
@@ -770,15 +776,22 @@ void run_blocking(std::unique_ptr<job_base> job, std::shared_ptr<limiter_core> c
     // A worker drains at most this many of one limiter's tasks per wake-up, so limiters that
     // share a pool still take turns on it.
     constexpr int chain = 16;
+    // Each task is counted and its slot freed before its submitter hears of it, so that what
+    // the submitter then reads (the statistics, a try_enter) counts it. A shutdown waits for
+    // the hand-overs all the same: the chain counts as unsettled until its last is handed
+    // over (see maybe_finish_shutdown()); once per chain, not per task, to keep the two
+    // workers of a busy limiter off a shared counter.
+    core->unsettle();
+    struct settle {
+        limiter_core& core;
+        ~settle() { core.handed_over(); }
+    } settled_at_exit{*core};
     for (int n = 0; job; ++n) {
         const bool threw = job->execute();
-        // Handed to its submitter before the slot is freed: a shutdown waits for the running
-        // count to reach zero, and its completion must not overtake this one.
         const std::uint64_t id = job->id;
-        core->count(threw ? task_outcome::threw : task_outcome::ran); // counted, then heard of
-        core->deliver(std::move(job));
         std::unique_ptr<job_base> next;
-        core->free_slot(id, &next);
+        core->finished(id, threw ? task_outcome::threw : task_outcome::ran, &next);
+        core->deliver(std::move(job));
         job = std::move(next);
         if (job && n + 1 == chain) {
             job_base* raw = job.get();

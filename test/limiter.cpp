@@ -1073,20 +1073,27 @@ TEST(limiter, try_enter_does_not_jump_the_queue_and_a_shutdown_waits_for_permits
     pool.join();
 }
 
-TEST(limiter, a_submitter_that_hears_of_its_task_finds_it_counted)
+TEST(limiter, a_submitter_that_hears_of_its_task_finds_it_counted_and_its_slot_free)
 {
-    // The statistics count a finished task before its submitter hears of it (the worker then
-    // frees the slot): read from the completion handler, completed never lags. Repeated, as
-    // the worker and the io thread race.
+    // The worker counts a finished task and frees its slot before its submitter hears of it:
+    // read from the completion handler, `completed` never lags, and the one slot is free. Repeated, as the worker and the io thread race: this thread polls the
+    // io_context without sleeping, so that a completion runs the moment it is posted.
     asio::io_context ioc;
     asio::thread_pool pool{1};
-    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{}, pool.get_executor());
-    int lagged = 0;
-    for (std::uint64_t round = 1; round <= 300; ++round) {
-        lim->async_submit([] {}, [&, round](std::exception_ptr) { lagged += lim->stats().completed < round; });
-        ioc.run();
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{.concurrency = 1},
+                                         pool.get_executor());
+    int lagged = 0, slot_taken = 0;
+    for (std::uint64_t round = 1; round <= 2000; ++round) {
+        bool heard = false;
+        lim->async_submit([] {}, [&, round](std::exception_ptr) {
+            lagged += lim->stats().completed < round;
+            slot_taken += lim->running() != 0; // a try_enter would be refused
+            heard = true;
+        });
+        while (!heard) ioc.poll();
         ioc.restart();
     }
     EXPECT_EQ(lagged, 0);
+    EXPECT_EQ(slot_taken, 0);
     pool.join();
 }
