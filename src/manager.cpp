@@ -13,6 +13,7 @@
 #include <boost/asio/prefer.hpp>
 #include <boost/asio/query.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
 #include <boost/asio/thread_pool.hpp>
 #include <boost/asio/use_future.hpp>
 
@@ -458,13 +459,18 @@ void manager::start_shutdown(detail::acquire_handler handler, std::chrono::nanos
 
 namespace {
 
-// The io_context behind `ex`, if `ex` is one's executor (tracking work or not).
+// The io_context behind `ex`, if `ex` is one's executor (tracking work or not) or a strand
+// of one.
 asio::io_context* io_context_of(const asio::any_io_executor& ex) noexcept
 {
-    using tracked = std::decay_t<decltype(asio::prefer(std::declval<asio::io_context::executor_type>(),
-                                                       asio::execution::outstanding_work.tracked))>;
-    if (const auto* io = ex.target<asio::io_context::executor_type>()) return &asio::query(*io, asio::execution::context);
+    using plain = asio::io_context::executor_type;
+    using tracked = std::decay_t<decltype(asio::prefer(std::declval<plain>(), asio::execution::outstanding_work.tracked))>;
+    if (const auto* io = ex.target<plain>()) return &asio::query(*io, asio::execution::context);
     if (const auto* io = ex.target<tracked>()) return &asio::query(*io, asio::execution::context);
+    if (const auto* s = ex.target<asio::strand<plain>>())
+        return &asio::query(s->get_inner_executor(), asio::execution::context);
+    if (const auto* s = ex.target<asio::strand<tracked>>())
+        return &asio::query(s->get_inner_executor(), asio::execution::context);
     return nullptr;
 }
 

@@ -197,7 +197,8 @@ public:
     }
 
     /// Blocking `async_shutdown`, then joins the profiles' threads. The shutdown's steps and
-    /// completions run on the manager's executor: with `manager{ioc.get_executor()}`, either
+    /// completions run on the manager's executor: with `manager{ioc.get_executor()}` (or a
+    /// strand of `ioc`, or its executor tracking work), either
     /// `ioc.run()` runs on another thread meanwhile, or `ioc` is stopped and no thread is inside
     /// its `run()` (it has returned), and then this call runs it (restarted, and stopped again
     /// before returning) until the shutdown completes, handlers of the program's own included.
