@@ -583,8 +583,8 @@ private:
 /// Runs tasks under a resource's limits, at most `concurrency` at once, with a bounded queue.
 ///
 /// A submitted task is admitted into the queue (or refused at once with `errc::queue_full`, or
-/// its submitter waits for room under `queue_full_policy::wait`), waits its turn (round-robin
-/// between users, see `for_user`; FIFO within a user) for a token of the resource and a free
+/// its submitter waits for room under `queue_full_policy::wait`), waits its turn (users take
+/// turns, see `for_user`; FIFO within a user) for a token of the resource and a free
 /// slot, then runs: a plain callable on the task executor (a
 /// thread pool for blocking work), a callable returning `asio::awaitable<T>` on the submitter's
 /// executor. Its result or exception comes back to the submitter, on the submitter's executor.
@@ -706,8 +706,9 @@ public:
     void cancel();
 
     /// The same limiter (one queue, one resource, one concurrency cap) seen by another user:
-    /// queued tasks of different users are served round-robin, so one user flooding the queue
-    /// cannot starve the others; each user's own tasks stay first come, first served. Tasks
+    /// queued tasks of different users are served in turns, the user served least recently
+    /// first (a user who arrives goes ahead of the user just served), so one user flooding the
+    /// queue cannot starve the others; each user's own tasks stay first come, first served. Tasks
     /// submitted through `*this` count as user 0's. Only the original limiter's destruction
     /// closes the queue.
     std::shared_ptr<limiter> for_user(std::uint64_t user) const;

@@ -116,8 +116,8 @@ class manager_state;
 /// int n = co_await pro->submit([] { return expensive_call(); });
 /// ```
 ///
-/// A shared profile has one limiter (one queue, one resource) for all its users, who are served
-/// round-robin; a dedicated profile makes one limiter, with its own resource, per user on first
+/// A shared profile has one limiter (one queue, one resource) for all its users, who take turns
+/// (see `limiter::for_user`); a dedicated profile makes one limiter, with its own resource, per user on first
 /// use. Each profile's blocking tasks run on a thread
 /// pool of `concurrency` threads that the manager owns (or on `run_on`'s executor).
 ///
