@@ -124,31 +124,18 @@ public:
         }
     }
 
-    /// Frees the slot of task `id` and starts what that allows. With `hand_back`, a blocking
-    /// job the slot lets start is handed back to run on the calling worker instead of posted.
-    void finished(std::uint64_t id, task_outcome outcome, std::unique_ptr<job_base>* hand_back = nullptr,
-                  bool handover_follows = false)
+    /// Counts task `id` (before its submitter hears of it, so that what the submitter then
+    /// reads counts it), frees its slot and starts what that allows. With `hand_back`, a
+    /// blocking job the slot lets start is handed back to run on the calling worker instead of
+    /// posted. A caller that hands the outcome over after this calls `unsettle` first.
+    void finished(std::uint64_t id, task_outcome outcome, std::unique_ptr<job_base>* hand_back = nullptr)
     {
-        if (handover_follows) unsettled_.fetch_add(1); // before the slot is free: see maybe_finish_shutdown()
         // Started and then cancelled before it began: its token goes back, unused.
         if (outcome == task_outcome::cancelled) limits_->release(1);
-        count(outcome);
-        free_slot(id, hand_back);
-    }
-
-    /// Counts a finished task in the statistics: before its submitter hears of it, so that
-    /// what the submitter then reads counts it.
-    void count(task_outcome outcome) noexcept
-    {
         (outcome == task_outcome::ran    ? completed_
          : outcome == task_outcome::threw ? failed_
                                           : cancelled_)
             .fetch_add(1, std::memory_order_relaxed);
-    }
-
-    /// Frees the slot of a task `count`ed already, and starts what that allows (see finished()).
-    void free_slot(std::uint64_t id, std::unique_ptr<job_base>* hand_back = nullptr)
-    {
         // A progress stamp needs no precision: a coarse read of the same clock, kept only if it
         // moves the stamp forward (the start's precise stamp may be later).
         const std::int64_t stamp = coarse_now().time_since_epoch().count();
@@ -169,11 +156,11 @@ public:
             clock::now());
     }
 
-    /// An outcome is on its way to its submitter: a shutdown waits until `handed_over`.
+    /// An outcome will be handed to its submitter after its slot is freed: a shutdown waits
+    /// until `handed_over` (see maybe_finish_shutdown()).
     void unsettle() noexcept { unsettled_.fetch_add(1); }
 
-    /// The outcome of a job that finished with `handover_follows` (or after `unsettle`) has
-    /// been handed over.
+    /// The outcome announced by `unsettle` has been handed over.
     void handed_over()
     {
         if (unsettled_.fetch_sub(1) == 1) after_handover();
@@ -571,11 +558,10 @@ private:
         admit_inbox();
         decision();
         pending_ = nullptr;
-        // Refusals are handed over after the lock: until they are, no shutdown completes.
-        const std::size_t refused = todo.drop.size();
-        // (A decision drops at most the jobs in memory: far fewer than 2^32.)
-        const auto refused_count = static_cast<std::uint32_t>(refused);
-        if (refused != 0) unsettled_.fetch_add(refused_count);
+        // Refusals are handed over after the lock: until they are, no shutdown completes. (A
+        // decision drops at most the jobs in memory: far fewer than 2^32.)
+        const auto refused = static_cast<std::uint32_t>(todo.drop.size());
+        if (refused != 0) unsettled_.fetch_add(refused);
         lock.unlock();
         for (auto& source : todo.stop) source.request_stop();
         for (auto& [job, ec] : todo.drop) job->abort(ec);
@@ -585,7 +571,7 @@ private:
         }
         for (auto& h : todo.done) asio::post(home_->executor, asio::append(std::move(h), boost::system::error_code{}));
         todo.released_work.clear();
-        if (refused != 0 && unsettled_.fetch_sub(refused_count) == refused_count) after_handover();
+        if (refused != 0 && unsettled_.fetch_sub(refused) == refused) after_handover();
     }
 
     // Outcomes have been handed over: a shutdown that waited only for them may now complete.
@@ -764,7 +750,8 @@ void limiter_finished(limiter_core& core, std::uint64_t id, bool threw)
 
 void limiter_finished_before_handover(limiter_core& core, std::uint64_t id, task_outcome outcome)
 {
-    core.finished(id, outcome, nullptr, true);
+    core.unsettle();
+    core.finished(id, outcome);
 }
 
 void limiter_handed_over(limiter_core& core) { core.handed_over(); }
