@@ -50,11 +50,7 @@ bool take_all(const bucket_list& buckets, std::size_t n, time_point now) noexcep
     std::size_t taken = 0;
     while (taken < buckets.size() && buckets[taken]->core_.try_take(n, now)) ++taken;
     if (taken == buckets.size()) return true;
-    while (taken > 0) {
-        bucket_impl& b = *buckets[--taken];
-        b.core_.refund(n, now);
-        if (b.pending_.load(std::memory_order_acquire) != 0) b.wake();
-    }
+    while (taken > 0) buckets[--taken]->refund(n, now);
     return false;
 }
 
@@ -197,10 +193,7 @@ void bucket_set::release(std::size_t n)
 {
     if (n == 0) return;
     const auto now = clock::now();
-    for (const auto& b : state_->buckets) {
-        b->core_.refund(n, now);
-        if (b->pending_.load(std::memory_order_acquire) != 0) b->wake();
-    }
+    for (const auto& b : state_->buckets) b->refund(n, now);
 }
 
 bucket_set::time_point bucket_set::next_available(std::size_t n) const noexcept

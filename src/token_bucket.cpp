@@ -210,6 +210,12 @@ void bucket_impl::replan()
     notify(false);
 }
 
+void bucket_impl::refund(std::size_t n, time_point now)
+{
+    core_.refund(n, now);
+    if (pending_.load(std::memory_order_acquire) != 0) wake();
+}
+
 void bucket_impl::wake()
 {
     on_strand([](bucket_impl& b) {
@@ -318,9 +324,7 @@ void token_bucket::cancel() { impl_->cancel_all(); }
 
 void token_bucket::release(std::size_t n)
 {
-    if (n == 0) return;
-    impl_->core_.refund(n, clock::now());
-    if (impl_->pending_.load(std::memory_order_acquire) != 0) impl_->wake(); // the head may go sooner
+    if (n != 0) impl_->refund(n, clock::now());
 }
 
 void token_bucket::set_rate(rate r)

@@ -62,6 +62,9 @@ public:
     void replan();
     /// Re-plan the head only (tokens came back).
     void wake();
+    /// Gives `n` tokens taken at or before `now` back to the core, and wakes a queued head
+    /// that may now go sooner.
+    void refund(std::size_t n, time_point now);
     void close();
 
     void watch(std::weak_ptr<bucket_watcher> w);
