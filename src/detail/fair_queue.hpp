@@ -223,8 +223,8 @@ private:
             turn_ = &u;
             return;
         }
-        user_state* recent = has_served_ && turn_->ring_prev->user == served_last_ ? turn_->ring_prev : nullptr;
-        const bool newcomer = !(has_served_ && u.user == served_last_);
+        user_state* recent = served_last(*turn_->ring_prev) ? turn_->ring_prev : nullptr;
+        const bool newcomer = !served_last(u);
         user_state* before = newcomer && recent ? recent : turn_;
         user_state* last = before->ring_prev;
         u.ring_prev = last;
@@ -233,6 +233,8 @@ private:
         before->ring_prev = &u;
         if (newcomer && recent == turn_) turn_ = &u; // the user served last was alone: the newcomer goes first
     }
+
+    bool served_last(const user_state& u) const noexcept { return has_served_ && u.user == served_last_; }
 
     // A user without work leaves the ring; if it had the turn, the next user has it.
     void leave(user_state& u)
