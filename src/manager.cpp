@@ -398,6 +398,9 @@ void manager::set_rate(std::string_view profile_name, rate r)
     if (found == state_->profiles.end())
         detail::throw_error(errc::unknown_profile, where + ": no profile of that name is registered");
     auto& p = *found->second;
+    // Checked against the profile's burst before anything changes: a rate its bucket cannot
+    // take must not reach the users' limiters, nor the ones made later.
+    bucket_core::check(r, p.shared_limits ? p.config.shared->burst : p.config.dedicated->burst);
     if (p.shared_limits) {
         primary(*p.shared_limits).set_rate(r);
         return;

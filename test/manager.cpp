@@ -165,6 +165,29 @@ TEST(manager, also_limit_composes_with_the_resource)
     EXPECT_EQ(t.aborted, 2);
 }
 
+TEST(manager, a_rate_the_profiles_burst_cannot_take_is_refused_before_it_applies)
+{
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    mgr.register_profile("dedicated", valve::dedicated_resource(rate::per_second(10), 100));
+    mgr.register_profile("shared", valve::shared_resource("key", rate::per_second(10), 100));
+    // A burst of 100 at one a year would take a century to refill: more than a bucket supports.
+    for (const char* name : {"dedicated", "shared"}) {
+        try {
+            mgr.set_rate(name, rate::per(1, 24h * 365));
+            ADD_FAILURE() << name << ": no exception";
+        } catch (const valve::error& e) {
+            EXPECT_EQ(e.code(), valve::errc::invalid_argument) << name;
+        }
+    }
+    // Nothing changed: users old and new get limiters at the old rate.
+    auto l = mgr.get_limiter("dedicated", "new-user");
+    EXPECT_EQ(static_cast<valve::bucket_resource&>(l->limits()).primary().current_rate(), rate::per_second(10));
+    EXPECT_NO_THROW(mgr.get_limiter("shared", "u"));
+    mgr.set_rate("dedicated", rate::per_second(20));
+    EXPECT_NO_THROW(mgr.get_limiter("dedicated", "another-user"));
+}
+
 TEST(manager, results_come_back_through_profiles)
 {
     asio::io_context ioc;
