@@ -102,6 +102,7 @@ std::mutex& writer_mutex(const void* bucket) noexcept
 } // namespace
 
 struct bucket_core::config {
+    std::uint64_t generation = 0; // all of it, where the state word keeps 8 bits
     std::int64_t epoch = 0;
     std::int64_t scale = 1; // units per ns (with shift 0)
     std::int64_t shift = 0; // 2^shift ns per unit (with scale 1)
@@ -243,6 +244,7 @@ void bucket_core::check(rate r, std::size_t burst) { make_config(r, burst, 0); }
     c.scale = sl.scale.load(std::memory_order_acquire);
     c.shift = sl.shift.load(std::memory_order_acquire);
     c.mode = sl.mode.load(std::memory_order_acquire);
+    c.generation = seq >> 1;
     return sl.seq.load(std::memory_order_relaxed) == seq;
 }
 
@@ -337,7 +339,7 @@ bucket_core::reservation bucket_core::reserve(std::size_t n, time_point now, boo
     for (;;) {
         const config c = snapshot(s);
         const unsigned g = generation_of(s);
-        if (n == 0 || c.mode == unlimited) return reservation{n, now, 0, g};
+        if (n == 0 || c.mode == unlimited) return reservation{n, now, 0, c.generation};
         if (n > c.burst) {
             ec = errc::exceeds_burst;
             return {};
@@ -357,7 +359,7 @@ bucket_core::reservation bucket_core::reserve(std::size_t n, time_point now, boo
             return {};
         }
         if (state_.compare_exchange_weak(s, encode(g, x), std::memory_order_acq_rel, std::memory_order_acquire))
-            return reservation{n, ready, x, g};
+            return reservation{n, ready, x, c.generation};
     }
 }
 
@@ -369,7 +371,8 @@ double bucket_core::cancel(reservation& r, time_point now) noexcept
     for (;;) {
         const config c = snapshot(s);
         const unsigned g = generation_of(s);
-        if (g != taken.version_) return 0.0;
+        // The same configuration, not one whose 8 bits of generation merely match.
+        if (c.generation != taken.version_) return 0.0;
         if (c.mode == unlimited) return 0.0;
         if (c.mode != frozen && now > taken.ready) return 0.0; // past due: the tokens are spent
         const std::int64_t now_u = c.now_units(now);

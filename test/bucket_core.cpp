@@ -520,3 +520,17 @@ TEST(bucket_core, a_refill_longer_than_it_supports_is_refused_up_front)
     EXPECT_EQ(b.current_rate(), rate::per_second(10));
     EXPECT_TRUE(b.try_take(100, t0));
 }
+
+TEST(bucket_core, a_reservation_from_256_configurations_ago_gives_nothing_back)
+{
+    // The state word keeps 8 bits of the configuration's generation; a reservation must not be
+    // taken for one of a configuration 256 changes later.
+    bucket_core b{rate::per_second(10), 5, t0};
+    ASSERT_TRUE(b.try_take(5, t0));
+    boost::system::error_code ec;
+    auto r = b.reserve(5, t0, ec);
+    ASSERT_FALSE(ec);
+    for (int i = 0; i < 256; ++i) b.set_burst(5, t0);
+    EXPECT_DOUBLE_EQ(b.cancel(r, t0), 0.0);
+    EXPECT_DOUBLE_EQ(b.available(t0), -5.0);
+}

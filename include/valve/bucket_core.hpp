@@ -71,14 +71,14 @@ public:
 
     private:
         friend class bucket_core;
-        reservation(std::size_t n, time_point at, std::int64_t after, unsigned version) noexcept
+        reservation(std::size_t n, time_point at, std::int64_t after, std::uint64_t version) noexcept
             : tokens(n), ready(at), after_(after), version_(version)
         {
         }
         // Where the bucket's state stood right after this reservation, to tell on cancel whether
         // later reservations were made behind it.
         std::int64_t after_ = 0;
-        unsigned version_ = 0;
+        std::uint64_t version_ = 0; // the configuration's generation
     };
 
     /// A full bucket of `burst` tokens refilled at `r`, starting at `now`.
