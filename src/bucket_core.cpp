@@ -488,8 +488,17 @@ std::size_t bucket_core::burst() const noexcept
 
 bool bucket_core::is_unlimited() const noexcept
 {
-    std::uint64_t s = state_.load(std::memory_order_acquire);
-    return snapshot(s).mode == unlimited;
+    // Asked before every grant that reads the clock: only the mode, not the whole configuration.
+    for (;;) {
+        const std::uint64_t s = state_.load(std::memory_order_acquire);
+        const unsigned g = generation_of(s);
+        const slot& sl = slots_[g & (slot_count - 1)];
+        const std::uint64_t seq = sl.seq.load(std::memory_order_acquire);
+        const int m = sl.mode.load(std::memory_order_acquire);
+        if ((seq & 1) == 0 && ((seq >> 1) & 0xffu) == g && sl.seq.load(std::memory_order_relaxed) == seq)
+            return m == unlimited;
+        cpu_relax();
+    }
 }
 
 double bucket_core::available(time_point now) const noexcept
