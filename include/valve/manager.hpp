@@ -61,8 +61,18 @@ struct on_queue_full_option {
 };
 inline on_queue_full_option on_queue_full(queue_full_policy p) { return {p}; }
 
+/// How long a dedicated profile keeps an idle user's limiter when no `idle_timeout` is given.
+inline constexpr std::chrono::seconds default_idle_timeout{60};
+
 /// Profile option (dedicated profiles): a user's limiter is dropped after `timeout` with nothing
-/// queued or running and nobody holding it; the next `get_limiter` makes a fresh one.
+/// queued or running, nobody holding it, and its resource full again (every bucket at its
+/// burst, see `resource::full`); the next `get_limiter` makes a fresh one, which gives the user
+/// nothing that keeping the old one would not have. Without this option a dedicated profile
+/// uses `default_idle_timeout`, swept by `get_limiter` (every `timeout / 2` at most; no timer,
+/// so an `io_context` with nothing else to do still runs out of work); with it, a timer on the
+/// manager's executor sweeps as well (every `timeout / 2`), so limiters go even when no
+/// `get_limiter` comes. A limiter whose buckets never refill (a zero rate) is kept once its
+/// user has taken a token.
 struct idle_timeout_option {
     std::chrono::nanoseconds timeout;
 };
@@ -165,6 +175,11 @@ public:
     /// Limiters alive for `profile` now (1 for a shared profile; one per recent user for a
     /// dedicated one).
     std::size_t limiter_count(std::string_view profile) const;
+
+    /// The idle timeout in force for `profile`'s limiters: its `idle_timeout`, else
+    /// `default_idle_timeout`; none for a shared profile. `errc::unknown_profile` for a name
+    /// never registered.
+    std::optional<std::chrono::nanoseconds> idle_timeout_of(std::string_view profile) const;
 
     /// The statistics of every limiter the manager holds, added up (maxima are maxima), with
     /// those of evicted limiters, so that counters only grow.
