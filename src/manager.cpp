@@ -1,6 +1,7 @@
 #include <valve/manager.hpp>
 
 #include "detail/bucket_impl.hpp"
+#include "detail/elastic_pool.hpp"
 
 #include <valve/bucket_core.hpp>
 #include <valve/error.hpp>
@@ -66,7 +67,7 @@ struct profile {
     std::string name;
     profile_config config;
     limiter_options options;
-    std::shared_ptr<asio::thread_pool> pool; // when not run_on
+    std::shared_ptr<elastic_pool> pool; // when not run_on: threads started as blocking tasks need them
     // Where the profile's limiters run, one for all of them (made with the first).
     std::shared_ptr<const limiter_home> home;
     asio::any_io_executor task_executor;
@@ -104,7 +105,7 @@ public:
 
     asio::any_io_executor executor;
     std::shared_ptr<asio::thread_pool> own_thread; // for manager()
-    std::mutex join_mutex;                         // thread_pool::join is not thread-safe
+    std::mutex join_mutex;                         // one join at a time
 
     mutable std::mutex mutex;
     std::map<std::string, std::unique_ptr<profile>, std::less<>> profiles;
@@ -160,7 +161,7 @@ public:
         // The limiter keeps alive the threads its executors point into, should it outlive the
         // manager (its user still holds it): the profile's pool and the manager's own thread.
         if (!p.home) {
-            auto keep = std::make_shared<std::pair<std::shared_ptr<asio::thread_pool>, std::shared_ptr<asio::thread_pool>>>(
+            auto keep = std::make_shared<std::pair<std::shared_ptr<elastic_pool>, std::shared_ptr<asio::thread_pool>>>(
                 p.pool, own_thread);
             p.home = std::make_shared<const limiter_home>(std::move(keep), executor, p.task_executor);
         }
@@ -238,7 +239,7 @@ public:
     // Waits for the profiles' threads to run out of work and end (once shutdown has begun).
     void join_pools()
     {
-        std::vector<std::shared_ptr<asio::thread_pool>> pools;
+        std::vector<std::shared_ptr<elastic_pool>> pools;
         {
             std::lock_guard lock{mutex};
             for (auto& [name, p] : profiles)
@@ -328,7 +329,8 @@ void manager::register_profile(std::string name, detail::profile_config config)
     if (config.executor) {
         p->task_executor = *config.executor;
     } else {
-        p->pool = std::make_shared<asio::thread_pool>(options.concurrency);
+        // No thread yet: at most `concurrency` tasks of a limiter run at once, so no more.
+        p->pool = std::make_shared<detail::elastic_pool>(options.concurrency);
         p->task_executor = p->pool->get_executor();
     }
     if (config.shared) {
@@ -450,6 +452,14 @@ std::size_t manager::limiter_count(std::string_view profile_name) const
     const auto found = state_->profiles.find(profile_name);
     if (found == state_->profiles.end()) return 0;
     return found->second->shared_limiter ? 1 : found->second->users.size();
+}
+
+std::size_t manager::thread_count(std::string_view profile_name) const
+{
+    std::lock_guard lock{state_->mutex};
+    const auto found = state_->profiles.find(profile_name);
+    if (found == state_->profiles.end() || !found->second->pool) return 0;
+    return found->second->pool->threads();
 }
 
 std::optional<std::chrono::nanoseconds> manager::idle_timeout_of(std::string_view profile_name) const

@@ -23,7 +23,10 @@
 #include <chrono>
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <future>
+#include <iterator>
+#include <latch>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -335,6 +338,61 @@ TEST(manager, dedicated_profiles_evict_by_default)
     for (int i = 0; i < 10; ++i) mgr.get_limiter("default", "user-" + std::to_string(i));
     mgr.get_limiter("default", "newcomer");
     EXPECT_EQ(mgr.limiter_count("default"), 11u);
+}
+
+TEST(manager, a_profile_starts_threads_only_when_blocking_tasks_need_them)
+{
+    // worker_pool(100000, ...) used to start 100,000 threads at registration.
+    const auto os_threads = [] {
+        return std::distance(std::filesystem::directory_iterator{"/proc/self/task"},
+                             std::filesystem::directory_iterator{});
+    };
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    const auto before = os_threads();
+    mgr.register_profile("huge", valve::dedicated_resource(rate::unlimited()), valve::worker_pool(100000, 10));
+    mgr.register_profile("two", valve::dedicated_resource(rate::unlimited()), valve::worker_pool(2, 10));
+    mgr.register_profile("elsewhere", valve::dedicated_resource(rate::unlimited()), valve::run_on(ioc.get_executor()));
+    EXPECT_EQ(mgr.thread_count("huge"), 0u);
+    EXPECT_LT(os_threads() - before, 10);
+    // Async tasks run on their submitter's executor: no thread.
+    int results = 0;
+    asio::co_spawn(
+        ioc,
+        [&]() -> asio::awaitable<void> {
+            auto l = mgr.get_limiter("huge", "u");
+            for (int i = 0; i < 5; ++i) results += co_await l->submit([]() -> asio::awaitable<int> { co_return 1; });
+        },
+        asio::detached);
+    ioc.run();
+    EXPECT_EQ(results, 5);
+    EXPECT_EQ(mgr.thread_count("huge"), 0u);
+    // Blocking tasks start threads as they need them: three at once, three threads; no more than
+    // the concurrency.
+    std::promise<void> open;
+    std::shared_future<void> gate = open.get_future().share();
+    std::latch started{3 + 2}; // three tasks of "huge" and the first two of "two"
+    std::atomic<int> arrived{0};
+    std::atomic<int> ran{0};
+    auto blocked = [&, gate] {
+        if (arrived++ < 5) started.count_down();
+        gate.wait();
+        ++ran;
+    };
+    auto huge = mgr.get_limiter("huge", "u");
+    for (int i = 0; i < 3; ++i) huge->async_submit(blocked, [](std::exception_ptr) {});
+    auto two = mgr.get_limiter("two", "u");
+    for (int i = 0; i < 5; ++i) two->async_submit(blocked, [](std::exception_ptr) {});
+    started.wait();
+    EXPECT_EQ(mgr.thread_count("huge"), 3u);
+    EXPECT_EQ(mgr.thread_count("two"), 2u);
+    EXPECT_EQ(mgr.thread_count("elsewhere"), 0u);
+    open.set_value();
+    ioc.restart();
+    const auto give_up = std::chrono::steady_clock::now() + 10s;
+    while (ran.load() < 8 && std::chrono::steady_clock::now() < give_up) ioc.run_for(10ms);
+    EXPECT_EQ(ran.load(), 8);
+    EXPECT_LE(mgr.thread_count("two"), 2u);
 }
 
 TEST(manager, get_limiter_is_safe_from_many_threads)
