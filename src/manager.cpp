@@ -329,7 +329,8 @@ void manager::register_profile(std::string name, detail::profile_config config)
     if (config.executor) {
         p->task_executor = *config.executor;
     } else {
-        // No thread yet: at most `concurrency` tasks of a limiter run at once, so no more.
+        // No thread yet, and never more than `concurrency`, shared by the profile's limiters
+        // (one limiter never runs more tasks at once).
         p->pool = std::make_shared<detail::elastic_pool>(options.concurrency);
         p->task_executor = p->pool->get_executor();
     }
