@@ -1,6 +1,7 @@
 #include <valve/manager.hpp>
 
 #include "detail/bucket_impl.hpp"
+#include "detail/elastic_pool.hpp"
 
 #include <valve/bucket_core.hpp>
 #include <valve/error.hpp>
@@ -66,7 +67,7 @@ struct profile {
     std::string name;
     profile_config config;
     limiter_options options;
-    std::shared_ptr<asio::thread_pool> pool; // when not run_on
+    std::shared_ptr<elastic_pool> pool; // when not run_on: threads started as blocking tasks need them
     // Where the profile's limiters run, one for all of them (made with the first).
     std::shared_ptr<const limiter_home> home;
     asio::any_io_executor task_executor;
@@ -77,6 +78,7 @@ struct profile {
         std::chrono::steady_clock::time_point last_used;
     };
     std::unordered_map<std::string, user> users; // dedicated profiles
+    std::chrono::nanoseconds idle{0};            // dedicated profiles: the idle timeout in force
     limiter_stats retired;                       // the counters of evicted limiters
 };
 
@@ -103,13 +105,14 @@ public:
 
     asio::any_io_executor executor;
     std::shared_ptr<asio::thread_pool> own_thread; // for manager()
-    std::mutex join_mutex;                         // thread_pool::join is not thread-safe
+    std::mutex join_mutex;                         // one join at a time
 
     mutable std::mutex mutex;
     std::map<std::string, std::unique_ptr<profile>, std::less<>> profiles;
     std::map<std::string, std::pair<shared_resource_option, std::shared_ptr<resource>>, std::less<>> resources;
     bool shutting_down = false;
     std::chrono::nanoseconds sweep_every = std::chrono::nanoseconds::max();
+    std::chrono::steady_clock::time_point last_sweep{};
     std::unique_ptr<asio::steady_timer> sweeper;
     std::chrono::nanoseconds stall_after{0};
     std::unique_ptr<asio::steady_timer> stall_timer;
@@ -158,7 +161,7 @@ public:
         // The limiter keeps alive the threads its executors point into, should it outlive the
         // manager (its user still holds it): the profile's pool and the manager's own thread.
         if (!p.home) {
-            auto keep = std::make_shared<std::pair<std::shared_ptr<asio::thread_pool>, std::shared_ptr<asio::thread_pool>>>(
+            auto keep = std::make_shared<std::pair<std::shared_ptr<elastic_pool>, std::shared_ptr<asio::thread_pool>>>(
                 p.pool, own_thread);
             p.home = std::make_shared<const limiter_home>(std::move(keep), executor, p.task_executor);
         }
@@ -172,14 +175,20 @@ public:
         return res;
     }
 
-    // Called with `mutex` held: start (or speed up) the sweep of idle dedicated limiters.
-    void schedule_sweep(std::chrono::nanoseconds idle)
+    // Called with `mutex` held: sweep at least every `idle / 2`, from get_limiter and, when
+    // `on_timer`, from a timer too.
+    void schedule_sweep(std::chrono::nanoseconds idle, bool on_timer)
     {
         const auto every = std::max<std::chrono::nanoseconds>(idle / 2, std::chrono::milliseconds(1));
-        if (every >= sweep_every) return;
-        sweep_every = every;
-        if (!sweeper) sweeper = std::make_unique<asio::steady_timer>(executor);
-        arm_sweep();
+        const bool sooner = every < sweep_every;
+        if (sooner) sweep_every = every;
+        if (!on_timer) return;
+        if (!sweeper) {
+            sweeper = std::make_unique<asio::steady_timer>(executor);
+            arm_sweep();
+        } else if (sooner) {
+            arm_sweep();
+        }
     }
 
     void arm_sweep()
@@ -196,15 +205,26 @@ public:
         std::vector<std::shared_ptr<limiter>> dropped; // released outside the lock
         std::lock_guard lock{mutex};
         if (shutting_down) return;
-        const auto now = std::chrono::steady_clock::now();
+        evict_idle(std::chrono::steady_clock::now(), dropped);
+        arm_sweep();
+    }
+
+    // Called with `mutex` held: moves into `dropped` the dedicated limiters that have rested
+    // for their profile's idle timeout and that a new one would replace exactly.
+    void evict_idle(std::chrono::steady_clock::time_point now, std::vector<std::shared_ptr<limiter>>& dropped)
+    {
+        last_sweep = now;
+        const auto before = dropped.size();
         for (auto& [name, p] : profiles) {
-            if (!p->config.idle) continue;
+            if (p->idle.count() == 0) continue;
             for (auto it = p->users.begin(); it != p->users.end();) {
                 const auto& u = it->second;
                 // Only the manager holds it (no handle of it, nor of its queue through
-                // `for_user`), nothing is queued or running, and it has rested.
+                // `for_user`), nothing is queued or running, it has rested, and its buckets
+                // are full again: dropping a drained one would give its user a fresh burst.
                 if (u.lim.use_count() == 1 && !u.lim->shared() && u.lim->queued() == 0 && u.lim->running() == 0
-                    && now - std::max(u.last_used, u.lim->stats().last_progress) >= *p->config.idle) {
+                    && now - std::max(u.last_used, u.lim->stats().last_progress) >= p->idle
+                    && u.lim->limits().full()) {
                     accumulate(p->retired, u.lim->stats()); // counters only grow
                     dropped.push_back(std::move(it->second.lim));
                     it = p->users.erase(it);
@@ -213,14 +233,13 @@ public:
                 }
             }
         }
-        if (!dropped.empty()) logger()->debug("valve: evicted {} idle limiters", dropped.size());
-        arm_sweep();
+        if (dropped.size() > before) logger()->debug("valve: evicted {} idle limiters", dropped.size() - before);
     }
 
     // Waits for the profiles' threads to run out of work and end (once shutdown has begun).
     void join_pools()
     {
-        std::vector<std::shared_ptr<asio::thread_pool>> pools;
+        std::vector<std::shared_ptr<elastic_pool>> pools;
         {
             std::lock_guard lock{mutex};
             for (auto& [name, p] : profiles)
@@ -310,7 +329,9 @@ void manager::register_profile(std::string name, detail::profile_config config)
     if (config.executor) {
         p->task_executor = *config.executor;
     } else {
-        p->pool = std::make_shared<asio::thread_pool>(options.concurrency);
+        // No thread yet, and never more than `concurrency`, shared by the profile's limiters
+        // (one limiter never runs more tasks at once).
+        p->pool = std::make_shared<detail::elastic_pool>(options.concurrency);
         p->task_executor = p->pool->get_executor();
     }
     if (config.shared) {
@@ -328,13 +349,17 @@ void manager::register_profile(std::string name, detail::profile_config config)
         }
         p->shared_limiter = state_->make_limiter(*p, p->shared_limits);
     }
-    if (config.idle) state_->schedule_sweep(*config.idle);
+    if (config.dedicated) {
+        p->idle = config.idle.value_or(default_idle_timeout);
+        state_->schedule_sweep(p->idle, config.idle.has_value());
+    }
     p->config = std::move(config);
     state_->profiles.emplace(std::move(name), std::move(p));
 }
 
 std::shared_ptr<limiter> manager::get_limiter(std::string_view profile_name, std::string_view user)
 {
+    std::vector<std::shared_ptr<limiter>> dropped; // released outside the lock
     std::lock_guard lock{state_->mutex};
     if (state_->shutting_down)
         detail::throw_error(errc::shutting_down, "valve: get_limiter: the manager is shutting down");
@@ -346,12 +371,15 @@ std::shared_ptr<limiter> manager::get_limiter(std::string_view profile_name, std
     // Users of a shared profile share its queue, each under an id of its own so that they are
     // served round-robin; a handle is cheap and not kept (a million one-off users cost nothing).
     if (p.shared_limiter) return p.shared_limiter->for_user(std::hash<std::string_view>{}(user));
+    // Sweeping here, when due, bounds the limiters kept without a timer: they grow only here.
+    const auto now = std::chrono::steady_clock::now();
+    if (now - state_->last_sweep >= state_->sweep_every) state_->evict_idle(now, dropped);
     auto& u = p.users[std::string(user)];
     if (!u.lim) {
         const auto& d = *p.config.dedicated;
         u.lim = state_->make_limiter(p, state_->make_resource(d.limit, d.burst, p.config));
     }
-    u.last_used = std::chrono::steady_clock::now();
+    u.last_used = now;
     return u.lim;
 }
 
@@ -428,6 +456,25 @@ std::size_t manager::limiter_count(std::string_view profile_name) const
     const auto found = state_->profiles.find(profile_name);
     if (found == state_->profiles.end()) return 0;
     return found->second->shared_limiter ? 1 : found->second->users.size();
+}
+
+std::size_t manager::thread_count(std::string_view profile_name) const
+{
+    std::lock_guard lock{state_->mutex};
+    const auto found = state_->profiles.find(profile_name);
+    if (found == state_->profiles.end() || !found->second->pool) return 0;
+    return found->second->pool->threads();
+}
+
+std::optional<std::chrono::nanoseconds> manager::idle_timeout_of(std::string_view profile_name) const
+{
+    std::lock_guard lock{state_->mutex};
+    const auto found = state_->profiles.find(profile_name);
+    if (found == state_->profiles.end())
+        detail::throw_error(errc::unknown_profile, "manager::idle_timeout_of: no profile \"" +
+                                                       std::string{profile_name} + "\" is registered");
+    if (found->second->shared_limiter) return std::nullopt;
+    return found->second->idle;
 }
 
 void manager::start_shutdown(detail::acquire_handler handler, std::chrono::nanoseconds grace)

@@ -54,4 +54,11 @@ double bucket_resource::available() const
     return a;
 }
 
+bool bucket_resource::full() const
+{
+    // `available()` is exactly the burst once a bucket has refilled (infinity if unlimited).
+    auto is_full = [](const token_bucket& b) { return b.available() >= static_cast<double>(b.burst()); };
+    return is_full(primary_) && std::all_of(more_.begin(), more_.end(), is_full);
+}
+
 } // namespace valve

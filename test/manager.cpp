@@ -23,8 +23,12 @@
 #include <chrono>
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <future>
+#include <iterator>
+#include <latch>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
@@ -281,6 +285,137 @@ TEST(manager, idle_dedicated_limiters_are_evicted)
     other_view.reset();
     while (mgr.limiter_count("pro") > 1 && std::chrono::steady_clock::now() < give_up + 10s) ioc.run_for(10ms);
     EXPECT_EQ(mgr.limiter_count("pro"), 1u) << "released, the viewer's limiter is evicted";
+}
+
+TEST(manager, an_evicted_user_gets_no_fresh_burst)
+{
+    // 1 per minute, burst 10: over this test's run a user may have 10 permits, 11 at the
+    // very most. Eviction used to drop the drained bucket after 5 ms of rest and make a full
+    // one on the next get_limiter (about 50 permits in 150 ms).
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    mgr.register_profile("pro", valve::dedicated_resource(rate::per(1, std::chrono::minutes(1)), 10),
+                         valve::idle_timeout(5ms), valve::worker_pool(1, 10));
+    mgr.get_limiter("pro", "bystander"); // full and idle: its eviction shows that sweeps ran
+    int granted = 0;
+    const auto start = std::chrono::steady_clock::now();
+    while (std::chrono::steady_clock::now() - start < 200ms) {
+        auto l = mgr.get_limiter("pro", "u");
+        while (l->try_enter()) ++granted; // the permit is released at once
+        l.reset();
+        ioc.run_for(15ms); // rest for longer than the idle timeout while sweeps run
+    }
+    const auto elapsed = std::chrono::steady_clock::now() - start;
+    EXPECT_LE(granted, 10 + 1) << "in " << std::chrono::duration_cast<std::chrono::milliseconds>(elapsed).count()
+                               << " ms";
+    EXPECT_LT(elapsed, 60s); // where 11 stops being the bound
+    EXPECT_EQ(mgr.limiter_count("pro"), 1u) << "the bystander's full limiter is evicted, u's drained one kept";
+}
+
+TEST(manager, a_limiter_is_evicted_once_every_bucket_of_it_is_full_again)
+{
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    // A fast rate: the drained bucket is full again 10 ms later, and then the limiter goes.
+    mgr.register_profile("fast", valve::dedicated_resource(rate::per_second(1000), 10), valve::idle_timeout(5ms));
+    // Its primary bucket refills as fast, but its also_limit does not: kept.
+    mgr.register_profile("also", valve::dedicated_resource(rate::per_second(1000), 10),
+                         valve::also_limit(rate::per(1, std::chrono::minutes(1)), 5), valve::idle_timeout(5ms));
+    std::uint64_t rejected = 0;
+    for (const char* p : {"fast", "also"}) {
+        auto l = mgr.get_limiter(p, "u");
+        while (l->try_enter()) {
+        }
+        rejected = l->stats().rejected;
+        EXPECT_GE(rejected, 1u);
+    }
+    const auto give_up = std::chrono::steady_clock::now() + 10s;
+    while (mgr.limiter_count("fast") > 0 && std::chrono::steady_clock::now() < give_up) ioc.run_for(5ms);
+    EXPECT_EQ(mgr.limiter_count("fast"), 0u) << "a refilled limiter must still be evicted";
+    EXPECT_EQ(mgr.stats("fast").rejected, 1u) << "an evicted limiter's statistics are kept";
+    ioc.run_for(30ms); // sweeps, and the primary bucket of "also" is long full again
+    EXPECT_EQ(mgr.limiter_count("also"), 1u) << "a limiter with an also_limit bucket still drained is kept";
+    EXPECT_LE(mgr.get_limiter("also", "u")->available(), 1.0);
+}
+
+TEST(manager, dedicated_profiles_evict_by_default)
+{
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    mgr.register_profile("default", valve::dedicated_resource(rate::per_second(10)));
+    mgr.register_profile("short", valve::dedicated_resource(rate::per_second(10)), valve::idle_timeout(5ms));
+    mgr.register_profile("shared", valve::shared_resource("k", rate::per_second(10)));
+    EXPECT_EQ(mgr.idle_timeout_of("default"), valve::default_idle_timeout);
+    EXPECT_EQ(valve::default_idle_timeout, 60s);
+    EXPECT_EQ(mgr.idle_timeout_of("short"), 5ms);
+    EXPECT_EQ(mgr.idle_timeout_of("shared"), std::nullopt);
+    // Eviction does not wait for the io_context: get_limiter sweeps too, when a sweep is due,
+    // so memory stays bounded even where no timer runs (the default's sweeps need none, so that
+    // `ioc.run()` still returns when the program's work is done).
+    for (int i = 0; i < 100; ++i) mgr.get_limiter("short", "user-" + std::to_string(i));
+    EXPECT_EQ(mgr.limiter_count("short"), 100u);
+    std::this_thread::sleep_for(20ms); // past the idle timeout and the sweep's due time, for sure
+    mgr.get_limiter("short", "newcomer");
+    EXPECT_EQ(mgr.limiter_count("short"), 1u);
+    // A default profile's users are not swept before their minute has passed.
+    for (int i = 0; i < 10; ++i) mgr.get_limiter("default", "user-" + std::to_string(i));
+    mgr.get_limiter("default", "newcomer");
+    EXPECT_EQ(mgr.limiter_count("default"), 11u);
+}
+
+TEST(manager, a_profile_starts_threads_only_when_blocking_tasks_need_them)
+{
+    // worker_pool(100000, ...) used to start 100,000 threads at registration.
+    const auto os_threads = [] {
+        return std::distance(std::filesystem::directory_iterator{"/proc/self/task"},
+                             std::filesystem::directory_iterator{});
+    };
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    const auto before = os_threads();
+    mgr.register_profile("huge", valve::dedicated_resource(rate::unlimited()), valve::worker_pool(100000, 10));
+    mgr.register_profile("two", valve::dedicated_resource(rate::unlimited()), valve::worker_pool(2, 10));
+    mgr.register_profile("elsewhere", valve::dedicated_resource(rate::unlimited()), valve::run_on(ioc.get_executor()));
+    EXPECT_EQ(mgr.thread_count("huge"), 0u);
+    EXPECT_LT(os_threads() - before, 10);
+    // Async tasks run on their submitter's executor: no thread.
+    int results = 0;
+    asio::co_spawn(
+        ioc,
+        [&]() -> asio::awaitable<void> {
+            auto l = mgr.get_limiter("huge", "u");
+            for (int i = 0; i < 5; ++i) results += co_await l->submit([]() -> asio::awaitable<int> { co_return 1; });
+        },
+        asio::detached);
+    ioc.run();
+    EXPECT_EQ(results, 5);
+    EXPECT_EQ(mgr.thread_count("huge"), 0u);
+    // Blocking tasks start threads as they need them: three at once, three threads; no more than
+    // the concurrency.
+    std::promise<void> open;
+    std::shared_future<void> gate = open.get_future().share();
+    std::latch started{3 + 2}; // three tasks of "huge" and the first two of "two"
+    std::atomic<int> arrived{0};
+    std::atomic<int> ran{0};
+    auto blocked = [&, gate] {
+        if (arrived++ < 5) started.count_down();
+        gate.wait();
+        ++ran;
+    };
+    auto huge = mgr.get_limiter("huge", "u");
+    for (int i = 0; i < 3; ++i) huge->async_submit(blocked, [](std::exception_ptr) {});
+    auto two = mgr.get_limiter("two", "u");
+    for (int i = 0; i < 5; ++i) two->async_submit(blocked, [](std::exception_ptr) {});
+    started.wait();
+    EXPECT_EQ(mgr.thread_count("huge"), 3u);
+    EXPECT_EQ(mgr.thread_count("two"), 2u);
+    EXPECT_EQ(mgr.thread_count("elsewhere"), 0u);
+    open.set_value();
+    ioc.restart();
+    const auto give_up = std::chrono::steady_clock::now() + 10s;
+    while (ran.load() < 8 && std::chrono::steady_clock::now() < give_up) ioc.run_for(10ms);
+    EXPECT_EQ(ran.load(), 8);
+    EXPECT_LE(mgr.thread_count("two"), 2u);
 }
 
 TEST(manager, get_limiter_is_safe_from_many_threads)

@@ -45,7 +45,8 @@ struct also_limit_option {
 inline also_limit_option also_limit(rate limit, std::size_t burst) { return {limit, burst}; }
 
 /// Profile option: at most `concurrency` tasks running and `queue_capacity` waiting, per
-/// limiter. Default: 1 and 100.
+/// limiter. Default: 1 and 100. `concurrency` also caps the threads of the profile's pool
+/// (shared by its limiters), which are started only as blocking tasks need them.
 struct worker_pool_option {
     std::size_t concurrency;
     std::size_t queue_capacity;
@@ -61,8 +62,18 @@ struct on_queue_full_option {
 };
 inline on_queue_full_option on_queue_full(queue_full_policy p) { return {p}; }
 
+/// How long a dedicated profile keeps an idle user's limiter when no `idle_timeout` is given.
+inline constexpr std::chrono::seconds default_idle_timeout{60};
+
 /// Profile option (dedicated profiles): a user's limiter is dropped after `timeout` with nothing
-/// queued or running and nobody holding it; the next `get_limiter` makes a fresh one.
+/// queued or running, nobody holding it, and its resource full again (every bucket at its
+/// burst, see `resource::full`); the next `get_limiter` makes a fresh one, which gives the user
+/// nothing that keeping the old one would not have. Without this option a dedicated profile
+/// uses `default_idle_timeout`, swept by `get_limiter` (every `timeout / 2` at most; no timer,
+/// so an `io_context` with nothing else to do still runs out of work); with it, a timer on the
+/// manager's executor sweeps as well (every `timeout / 2`), so limiters go even when no
+/// `get_limiter` comes. A limiter whose buckets never refill (a zero rate) is kept once its
+/// user has taken a token.
 struct idle_timeout_option {
     std::chrono::nanoseconds timeout;
 };
@@ -119,7 +130,13 @@ class manager_state;
 /// A shared profile has one limiter (one queue, one resource) for all its users, who take turns
 /// (see `limiter::for_user`); a dedicated profile makes one limiter, with its own resource, per user on first
 /// use. Each profile's blocking tasks run on a thread
-/// pool of `concurrency` threads that the manager owns (or on `run_on`'s executor).
+/// pool that the manager owns (or on `run_on`'s executor).
+///
+/// What a profile costs: no thread at registration. A thread starts when a blocking task is
+/// to run and none of the pool's threads is idle, up to the profile's `concurrency`; one idle
+/// for 5 seconds ends. So a profile whose tasks are all async (or `run_on`) never has a
+/// thread, and one with blocking tasks has as many as ran at once lately. Each dedicated
+/// user costs a limiter and its bucket(s) while it is kept (see `idle_timeout`).
 ///
 /// Thread safety: every member function may be called from any thread, concurrently.
 class manager {
@@ -165,6 +182,15 @@ public:
     /// Limiters alive for `profile` now (1 for a shared profile; one per recent user for a
     /// dedicated one).
     std::size_t limiter_count(std::string_view profile) const;
+
+    /// Threads `profile`'s pool has now: none before its first blocking task, nor with
+    /// `run_on`; 0 for a name never registered.
+    std::size_t thread_count(std::string_view profile) const;
+
+    /// The idle timeout in force for `profile`'s limiters: its `idle_timeout`, else
+    /// `default_idle_timeout`; none for a shared profile. `errc::unknown_profile` for a name
+    /// never registered.
+    std::optional<std::chrono::nanoseconds> idle_timeout_of(std::string_view profile) const;
 
     /// The statistics of every limiter the manager holds, added up (maxima are maxima), with
     /// those of evicted limiters, so that counters only grow.

@@ -47,6 +47,12 @@ public:
     /// Tokens a caller arriving now could take (the least over all limits); infinity when
     /// unlimited.
     virtual double available() const = 0;
+
+    /// Whether every limit is at its burst now: a caller arriving now would find it as a new
+    /// resource of the same limits. A manager evicts an idle limiter only then, so that
+    /// eviction never hands its user a fresh burst. The default answers `false` (cannot tell:
+    /// the limiter is kept).
+    virtual bool full() const { return false; }
 };
 
 /// A resource made of in-process token buckets, taken from all or none: a rate and burst, plus
@@ -68,6 +74,9 @@ public:
     time_point next_available(std::size_t n) const override;
     void release(std::size_t n) override;
     double available() const override;
+    /// Every bucket, the `also_limit`s included, holds its burst (always, for an unlimited rate;
+    /// for a zero rate, only until its first token is taken).
+    bool full() const override;
 
 private:
     token_bucket primary_;             // held in place: one allocation less per dedicated limiter

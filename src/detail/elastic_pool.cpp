@@ -1,0 +1,206 @@
+#include "elastic_pool.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <list>
+#include <mutex>
+#include <system_error>
+#include <thread>
+
+namespace valve::detail {
+
+static_assert(boost::asio::execution::is_executor<elastic_pool::executor_type>::value);
+
+// What the threads share with the pool: they keep it alive, so a pool destroyed on one of its
+// own threads leaves them something to finish with.
+struct elastic_pool::state : std::enable_shared_from_this<state> {
+    state(elastic_pool& o, std::size_t max, std::chrono::nanoseconds rest)
+        : owner(&o), max_threads(max), idle_time(rest)
+    {
+    }
+
+    ~state()
+    {
+        // Only functions nobody ran (a pool orphaned on its own thread): freed, not run.
+        while (head) {
+            op* o = std::exchange(head, head->next);
+            o->destroy();
+        }
+    }
+
+    elastic_pool* owner;
+    const std::size_t max_threads;
+    const std::chrono::nanoseconds idle_time;
+
+    // Queued and running functions and executors tracking work: `join` waits for zero.
+    std::atomic<std::size_t> work{0};
+
+    mutable std::mutex mutex;
+    std::condition_variable wake;    // idle threads wait for work here
+    std::condition_variable settled; // `join` waits here for no work, then no threads
+    op* head = nullptr;
+    op* tail = nullptr;
+    std::list<std::thread> running; // started and not ended
+    std::list<std::thread> ended;   // ended, to be joined by the next post or `join`
+    std::size_t idle = 0;           // threads waiting for work
+    std::size_t wakeups = 0;        // of them, those told to wake and not yet awake
+    bool stopping = false;          // idle threads end at once (`join` and an orphaned pool)
+    bool orphaned = false;          // destroyed on its own thread: threads are detached
+
+    op* pop() noexcept
+    {
+        op* o = head;
+        if (o) {
+            head = o->next;
+            if (!head) tail = nullptr;
+        }
+        return o;
+    }
+};
+
+namespace {
+// The pool whose thread this is, if any.
+thread_local const void* current_pool_state = nullptr;
+} // namespace
+
+elastic_pool::elastic_pool(std::size_t max_threads, std::chrono::nanoseconds idle_time)
+    : state_(std::make_shared<state>(*this, std::max<std::size_t>(max_threads, 1), idle_time))
+{
+}
+
+elastic_pool::~elastic_pool()
+{
+    if (!running_in_this_thread()) {
+        join();
+    } else {
+        std::lock_guard lock{state_->mutex};
+        state_->orphaned = true;
+        state_->stopping = true;
+        state_->owner = nullptr;
+        for (auto& t : state_->running) t.detach();
+        for (auto& t : state_->ended) t.detach();
+        state_->wake.notify_all();
+    }
+    shutdown();
+    destroy();
+}
+
+elastic_pool::executor_type elastic_pool::get_executor() noexcept { return executor_type{state_.get(), false}; }
+
+void elastic_pool::join()
+{
+    if (running_in_this_thread()) return; // it cannot wait for itself
+    state& s = *state_;
+    std::list<std::thread> done;
+    {
+        std::unique_lock lock{s.mutex};
+        s.settled.wait(lock, [&] { return s.work.load(std::memory_order_acquire) == 0; });
+        s.stopping = true;
+        s.wake.notify_all();
+        s.settled.wait(lock, [&] { return s.running.empty(); });
+        s.stopping = false;
+        done.swap(s.ended);
+    }
+    for (auto& t : done) t.join(); // each has left its loop; this waits for it to exit
+}
+
+std::size_t elastic_pool::threads() const noexcept
+{
+    std::lock_guard lock{state_->mutex};
+    return state_->running.size();
+}
+
+std::size_t elastic_pool::max_threads() const noexcept { return state_->max_threads; }
+
+bool elastic_pool::running_in_this_thread() const noexcept { return current_pool_state == state_.get(); }
+
+void elastic_pool::post(state& s, op* o)
+{
+    work_started(s);
+    std::list<std::thread> done; // joined outside the lock
+    {
+        std::lock_guard lock{s.mutex};
+        done.swap(s.ended);
+        if (s.idle > s.wakeups) {
+            ++s.wakeups;
+            s.wake.notify_one();
+        } else if (s.running.size() < s.max_threads) {
+            try {
+                auto self = s.running.emplace(s.running.end());
+                try {
+                    *self = std::thread(run_thread, s.shared_from_this(), &*self);
+                } catch (...) {
+                    s.running.erase(self);
+                    throw;
+                }
+                if (s.orphaned) self->detach();
+            } catch (...) {
+                // No thread to be had: the work waits for a thread that has one, if any.
+                if (s.running.empty()) {
+                    o->destroy();
+                    // Not `work_finished`: the lock is held.
+                    s.work.fetch_sub(1, std::memory_order_acq_rel);
+                    throw;
+                }
+            }
+        }
+        o->next = nullptr;
+        if (s.tail)
+            s.tail->next = o;
+        else
+            s.head = o;
+        s.tail = o;
+    }
+    for (auto& t : done) t.join();
+}
+
+void elastic_pool::work_started(state& s) noexcept { s.work.fetch_add(1, std::memory_order_relaxed); }
+
+void elastic_pool::work_finished(state& s) noexcept
+{
+    if (s.work.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        // Under the lock, so that `join` cannot miss it between its test and its wait.
+        std::lock_guard lock{s.mutex};
+        s.settled.notify_all();
+    }
+}
+
+void elastic_pool::run_thread(std::shared_ptr<state> sp, const void* self_ptr) noexcept
+{
+    state& s = *sp;
+    current_pool_state = &s;
+    std::unique_lock lock{s.mutex};
+    for (;;) {
+        if (op* o = s.pop()) {
+            lock.unlock();
+            o->run();
+            work_finished(s);
+            lock.lock();
+            continue;
+        }
+        if (s.stopping) break;
+        ++s.idle;
+        const bool woken = s.wake.wait_for(lock, s.idle_time, [&] { return s.wakeups > 0 || s.stopping; });
+        --s.idle;
+        if (s.wakeups > 0) {
+            --s.wakeups;
+            continue;
+        }
+        if (!woken) break; // rested long enough: end
+    }
+    // Leave the running list for the ended one, where the next post or `join` joins it.
+    auto self = std::find_if(s.running.begin(), s.running.end(), [&](const std::thread& t) { return &t == self_ptr; });
+    s.ended.splice(s.ended.end(), s.running, self);
+    if (s.running.empty()) s.settled.notify_all();
+    current_pool_state = nullptr;
+}
+
+elastic_pool& elastic_pool::executor_type::query(boost::asio::execution::context_t) const noexcept
+{
+    return *state_->owner;
+}
+
+bool elastic_pool::executor_type::running_in_this_thread() const noexcept { return current_pool_state == state_; }
+
+} // namespace valve::detail
