@@ -1,4 +1,5 @@
 #include <valve/backoff.hpp>
+#include <valve/detail/saturate.hpp>
 #include <valve/error.hpp>
 
 #include <cmath>
@@ -35,7 +36,8 @@ std::optional<nanoseconds> within_limits(nanoseconds delay, const backoff_step& 
                                          std::size_t max_attempts)
 {
     if (s.attempts >= max_attempts) return std::nullopt;
-    if (s.elapsed > max_elapsed || delay > max_elapsed - s.elapsed) return std::nullopt;
+    // Saturated: with `max_elapsed` at its longest, no delay is too long.
+    if (detail::saturating_add(s.elapsed, delay) > max_elapsed) return std::nullopt;
     return delay;
 }
 

@@ -3,6 +3,7 @@
 #include "detail/bucket_impl.hpp"
 #include "detail/cancellation.hpp"
 
+#include <valve/detail/saturate.hpp>
 #include <valve/error.hpp>
 
 #include <boost/asio/associated_cancellation_slot.hpp>
@@ -141,7 +142,7 @@ private:
         if (!my_turn)
             due = time_point::max(); // until the last queue reaches its place (`turn_reached`)
         else if (due == time_point::max())
-            due = now + zero_rate_poll;
+            due = saturating_add(now, zero_rate_poll);
         // The timer's wait also keeps this operation alive; a bucket holds it only weakly.
         // `due <= now` means another caller took what we were about to take: plan again after
         // letting it through.

@@ -3,6 +3,7 @@
 #include "detail/bucket_impl.hpp"
 #include "detail/cancellation.hpp"
 
+#include <valve/detail/saturate.hpp>
 #include <valve/error.hpp>
 
 #include <boost/asio/append.hpp>
@@ -181,7 +182,7 @@ void bucket_impl::pump(time_point cursor)
     const time_point now = clock::now();
     // A timer that fired late grants as of when it was due (at most one token interval back),
     // so wake-up latency does not erode the rate.
-    cursor = std::clamp(cursor, now - backdate_limit(core_.current_rate()), now);
+    cursor = std::clamp(cursor, saturating_add(now, -backdate_limit(core_.current_rate())), now);
     // Tokens of the places held at the front: the waiters behind them leave those in the bucket.
     std::size_t held = 0;
     for (auto it = s.queue.begin(); it != s.queue.end();) {

@@ -1,6 +1,7 @@
 #ifndef VALVE_MANAGER_HPP
 #define VALVE_MANAGER_HPP
 
+#include <valve/detail/saturate.hpp>
 #include <valve/limiter.hpp>
 #include <valve/rate.hpp>
 
@@ -69,7 +70,7 @@ struct idle_timeout_option {
 template <class Rep, class Period>
 idle_timeout_option idle_timeout(std::chrono::duration<Rep, Period> d)
 {
-    return {std::chrono::duration_cast<std::chrono::nanoseconds>(d)};
+    return {detail::saturating_cast<std::chrono::nanoseconds>(d)};
 }
 
 /// Profile option: run the profile's blocking tasks on `ex` instead of a thread pool the
@@ -193,7 +194,7 @@ public:
             [](detail::acquire_handler h, manager* self, std::chrono::nanoseconds g) {
                 self->start_shutdown(std::move(h), g);
             },
-            token, this, std::chrono::duration_cast<std::chrono::nanoseconds>(grace));
+            token, this, detail::saturating_cast<std::chrono::nanoseconds>(grace));
     }
 
     /// Blocking `async_shutdown`, then joins the profiles' threads. The shutdown's steps and
