@@ -13,6 +13,7 @@
 #include <boost/asio/prefer.hpp>
 
 #include <algorithm>
+#include <string>
 
 namespace asio = boost::asio;
 
@@ -205,12 +206,15 @@ bucket_set::bucket_set(std::initializer_list<std::reference_wrapper<token_bucket
 bucket_set::bucket_set(const std::vector<std::reference_wrapper<token_bucket>>& buckets)
 {
     if (buckets.empty())
-        detail::throw_error(errc::invalid_argument, "valve: a bucket_set needs at least one bucket");
+        detail::throw_error(errc::invalid_argument, "bucket_set: the list of buckets is empty; give at least one");
     auto state = std::make_shared<detail::bucket_set_state>();
     for (token_bucket& b : buckets) {
-        if (std::find(state->buckets.begin(), state->buckets.end(), b.impl_) != state->buckets.end())
+        const auto same = std::find(state->buckets.begin(), state->buckets.end(), b.impl_);
+        if (same != state->buckets.end())
             detail::throw_error(errc::invalid_argument,
-                                "valve: a bucket_set names the same bucket twice: list each bucket once");
+                                "bucket_set: buckets " + std::to_string(same - state->buckets.begin()) + " and " +
+                                    std::to_string(state->buckets.size()) +
+                                    " (from 0) are the same bucket; list each bucket once");
         state->buckets.push_back(b.impl_);
     }
     state->executor = state->buckets.front()->executor_;
