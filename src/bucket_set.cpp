@@ -140,9 +140,11 @@ private:
         if (my_turn && take_all(buckets, n_, now)) return complete({});
         auto due = earliest_all(buckets, n_, now, n_);
         if (due > deadline_) return complete(errc::would_exceed_deadline);
-        if (!my_turn)
-            due = time_point::max(); // until the last queue reaches its place (`turn_reached`)
-        else if (due == time_point::max())
+        if (!my_turn) {
+            // Waiting for the last queue to reach its place (`turn_reached`), or the deadline.
+            if (now >= deadline_) return complete(errc::would_exceed_deadline);
+            due = deadline_;
+        } else if (due == time_point::max())
             due = saturating_add(now, zero_rate_poll);
         // The timer's wait also keeps this operation alive; a bucket holds it only weakly.
         // `due <= now` means another caller took what we were about to take: plan again after
