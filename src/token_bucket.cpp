@@ -188,9 +188,15 @@ void bucket_impl::pump(time_point cursor)
     for (auto it = s.queue.begin(); it != s.queue.end();) {
         waiter& w = it->second;
         if (w.is_hold) {
+            const auto owner = w.holder.lock();
+            if (!owner) {
+                // Its acquisition ended without giving it up (its io_context was destroyed).
+                pending_tokens_.fetch_sub(w.n, std::memory_order_relaxed);
+                it = s.queue.erase(it);
+                continue;
+            }
             held += w.n;
-            if (!std::exchange(w.told, true))
-                if (auto owner = w.holder.lock()) owner->turn_reached(w.tag);
+            if (!std::exchange(w.told, true)) owner->turn_reached(w.tag);
             ++it;
             continue;
         }
