@@ -34,7 +34,8 @@ void check(const aimd_options& o)
     if (!finite(o.step) || o.step < 0.0)
         detail::throw_error(errc::invalid_argument, n + "step must be a finite number >= 0, got " + num(o.step));
     if (o.interval <= std::chrono::nanoseconds::zero())
-        detail::throw_error(errc::invalid_argument, n + "interval must be positive");
+        detail::throw_error(errc::invalid_argument, n + "interval must be positive, got " +
+                                                        std::to_string(o.interval.count()) + " ns");
 }
 
 } // namespace
@@ -43,7 +44,9 @@ aimd_controller::aimd_controller(aimd_options options, target apply)
     : options_(std::move(options)), apply_(std::move(apply)), is_overload_(&default_is_overload)
 {
     check(options_);
-    if (!apply_) detail::throw_error(errc::invalid_argument, "aimd_controller: the target is empty");
+    if (!apply_)
+        detail::throw_error(errc::invalid_argument, "aimd_controller \"" + options_.name +
+                                                        "\": the target is empty; give a callable that applies the rate");
     stats_.rate = options_.initial;
     apply_(rate::per_second(options_.initial));
 }

@@ -1,4 +1,5 @@
 #include <valve/backoff.hpp>
+#include <valve/detail/saturate.hpp>
 #include <valve/error.hpp>
 
 #include <cmath>
@@ -24,7 +25,8 @@ void check_common(const char* what, nanoseconds interval, double jitter, nanosec
         detail::throw_error(errc::invalid_argument, name + ": jitter must lie in [0, 1], got " +
                                                         std::to_string(jitter));
     if (max_elapsed < nanoseconds::zero())
-        detail::throw_error(errc::invalid_argument, name + ": max_elapsed is negative (" + ms(max_elapsed) + ")");
+        detail::throw_error(errc::invalid_argument,
+                            name + ": max_elapsed is negative (" + ms(max_elapsed) + "); give zero or more");
     if (max_attempts == 0)
         detail::throw_error(errc::invalid_argument,
                             name + ": max_attempts is 0; it counts the first attempt, so give at least 1");
@@ -35,7 +37,8 @@ std::optional<nanoseconds> within_limits(nanoseconds delay, const backoff_step& 
                                          std::size_t max_attempts)
 {
     if (s.attempts >= max_attempts) return std::nullopt;
-    if (s.elapsed > max_elapsed || delay > max_elapsed - s.elapsed) return std::nullopt;
+    // Saturated: with `max_elapsed` at its longest, no delay is too long.
+    if (detail::saturating_add(s.elapsed, delay) > max_elapsed) return std::nullopt;
     return delay;
 }
 
@@ -74,7 +77,8 @@ backoff_policy::backoff_policy(const exponential_backoff& p)
                                                         std::to_string(p.multiplier));
     if (p.max_interval < p.initial)
         detail::throw_error(errc::invalid_argument, "exponential_backoff: max_interval (" + ms(p.max_interval) +
-                                                        ") is below initial (" + ms(p.initial) + ")");
+                                                        ") is below initial (" + ms(p.initial) +
+                                                        "); raise max_interval or lower initial");
     next_ = [p](const backoff_step& s) {
         const double base = static_cast<double>(p.initial.count()) *
                             std::pow(p.multiplier, static_cast<double>(s.attempts > 0 ? s.attempts - 1 : 0));
@@ -95,7 +99,7 @@ backoff_policy::backoff_policy(const constant_backoff& p)
 backoff_policy::backoff_policy(backoff_function f) : next_(std::move(f))
 {
     if (!next_)
-        detail::throw_error(errc::invalid_argument, "backoff_policy: the backoff function is empty");
+        detail::throw_error(errc::invalid_argument, "backoff_policy: the backoff function is empty; give a callable");
 }
 
 backoff_policy backoff_policy::seeded(std::uint64_t seed) const

@@ -3,6 +3,7 @@
 #include "detail/bucket_impl.hpp"
 #include "detail/cancellation.hpp"
 
+#include <valve/detail/saturate.hpp>
 #include <valve/error.hpp>
 
 #include <boost/asio/associated_cancellation_slot.hpp>
@@ -12,6 +13,7 @@
 #include <boost/asio/prefer.hpp>
 
 #include <algorithm>
+#include <string>
 
 namespace asio = boost::asio;
 
@@ -54,11 +56,15 @@ bool take_all(const bucket_list& buckets, std::size_t n, time_point now) noexcep
     return false;
 }
 
-time_point earliest_all(const bucket_list& buckets, std::size_t n, time_point now) noexcept
+// When n tokens could be taken from every bucket, behind the tokens queued on each (less
+// `mine`, the acquisition's own place there).
+time_point earliest_all(const bucket_list& buckets, std::size_t n, time_point now, std::size_t mine = 0) noexcept
 {
     auto due = now;
-    for (const auto& b : buckets)
-        due = std::max(due, b->core_.earliest(n, now, b->pending_tokens_.load(std::memory_order_relaxed)));
+    for (const auto& b : buckets) {
+        const std::size_t queued = b->pending_tokens_.load(std::memory_order_relaxed);
+        due = std::max(due, b->core_.earliest(n, now, queued - std::min(queued, mine)));
+    }
     return due;
 }
 
@@ -77,7 +83,13 @@ public:
     {
         auto slot = asio::get_associated_cancellation_slot(handler_);
         if (slot.is_connected()) slot.template emplace<cancel_handler>(weak_from_this());
-        for (const auto& b : set_->buckets) b->watch(weak_from_this());
+        const auto& buckets = set_->buckets;
+        places_.reserve(buckets.size());
+        for (std::size_t i = 0; i < buckets.size(); ++i) {
+            buckets[i]->watch(weak_from_this());
+            // The acquisition's place in each queue: waiters that come later line up behind it.
+            places_.push_back(buckets[i]->hold(n_, weak_from_this(), i));
+        }
         asio::post(strand_, [self = shared_from_this()] { self->step(); });
     }
 
@@ -85,7 +97,15 @@ public:
     {
         asio::post(strand_, [self = shared_from_this(), cancelled] {
             if (cancelled) self->cancelled_ = true;
-            self->timer_.cancel(); // step again now, with the new rates
+            self->wake(); // step again now, with the new rates
+        });
+    }
+
+    void turn_reached(std::size_t) override
+    {
+        asio::post(strand_, [self = shared_from_this()] {
+            ++self->turns_;
+            self->wake();
         });
     }
 
@@ -101,7 +121,7 @@ private:
             if (auto self = op.lock())
                 asio::post(self->strand_, [self] {
                     self->cancelled_ = true;
-                    self->timer_.cancel();
+                    self->wake();
                 });
         }
     };
@@ -114,25 +134,45 @@ private:
         for (const auto& b : buckets)
             if (exceeds_burst(*b, n_)) return complete(errc::exceeds_burst);
         const auto now = std::chrono::steady_clock::now();
-        // On arrival, waiters already queued on a bucket go first; after that the set takes its
-        // turn even if newer waiters have queued meanwhile (they plan again around it).
-        if ((waited_ || !any_queued(buckets)) && take_all(buckets, n_, now)) return complete({});
-        auto due = earliest_all(buckets, n_, now);
+        // The waiters queued ahead of the set's place in each bucket go first; waiters that came
+        // later are planned behind its tokens, so it is not starved by a stream of small ones.
+        const bool my_turn = turns_ == buckets.size();
+        if (my_turn && take_all(buckets, n_, now)) return complete({});
+        auto due = earliest_all(buckets, n_, now, n_);
         if (due > deadline_) return complete(errc::would_exceed_deadline);
-        if (due == time_point::max()) due = now + zero_rate_poll;
+        if (!my_turn) {
+            // Waiting for the last queue to reach its place (`turn_reached`), or the deadline.
+            if (now >= deadline_) return complete(errc::would_exceed_deadline);
+            due = deadline_;
+        } else if (due == time_point::max())
+            due = saturating_add(now, zero_rate_poll);
+        // The timer's wait also keeps this operation alive; a bucket holds it only weakly.
         // `due <= now` means another caller took what we were about to take: plan again after
         // letting it through.
+        armed_ = true;
         timer_.expires_at(std::max(due, now));
         timer_.async_wait([self = shared_from_this()](boost::system::error_code) {
-            self->waited_ = true;
+            self->armed_ = false;
             self->step();
         });
+    }
+
+    // Steps again now: at once if no timer is armed, else by cancelling it.
+    void wake()
+    {
+        if (armed_)
+            timer_.cancel();
+        else
+            step();
     }
 
     void complete(boost::system::error_code ec)
     {
         done_ = true;
-        for (const auto& b : set_->buckets) b->unwatch(this);
+        for (std::size_t i = 0; i < set_->buckets.size(); ++i) {
+            set_->buckets[i]->unwatch(this);
+            set_->buckets[i]->unhold(places_[i]);
+        }
         post_completion(std::move(handler_), set_->executor, ec);
     }
 
@@ -143,8 +183,10 @@ private:
     acquire_handler handler_;
     std::size_t n_;
     time_point deadline_;
+    std::vector<std::uint64_t> places_; // this acquisition's place in each bucket's queue
+    std::size_t turns_ = 0;             // queues whose waiters ahead of that place are served
     bool cancelled_ = false;
-    bool waited_ = false;
+    bool armed_ = false;
     bool done_ = false;
 };
 
@@ -166,12 +208,15 @@ bucket_set::bucket_set(std::initializer_list<std::reference_wrapper<token_bucket
 bucket_set::bucket_set(const std::vector<std::reference_wrapper<token_bucket>>& buckets)
 {
     if (buckets.empty())
-        detail::throw_error(errc::invalid_argument, "valve: a bucket_set needs at least one bucket");
+        detail::throw_error(errc::invalid_argument, "bucket_set: the list of buckets is empty; give at least one");
     auto state = std::make_shared<detail::bucket_set_state>();
     for (token_bucket& b : buckets) {
-        if (std::find(state->buckets.begin(), state->buckets.end(), b.impl_) != state->buckets.end())
+        const auto same = std::find(state->buckets.begin(), state->buckets.end(), b.impl_);
+        if (same != state->buckets.end())
             detail::throw_error(errc::invalid_argument,
-                                "valve: a bucket_set names the same bucket twice: list each bucket once");
+                                "bucket_set: buckets " + std::to_string(same - state->buckets.begin()) + " and " +
+                                    std::to_string(state->buckets.size()) +
+                                    " (from 0) are the same bucket; list each bucket once");
         state->buckets.push_back(b.impl_);
     }
     state->executor = state->buckets.front()->executor_;

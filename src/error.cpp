@@ -45,9 +45,11 @@ const category instance;
 
 const boost::system::error_category& error_category() noexcept { return instance; }
 
-error::error(errc e, const std::string& what_arg) : system_error(make_error_code(e), what_arg) {}
+error::error(errc e, const std::string& what_arg) : system_error(make_error_code(e)), message_(what_arg) {}
 
-error::error(errc e) : system_error(make_error_code(e)) {}
+error::error(errc e) : system_error(make_error_code(e)), message_(make_error_code(e).message()) {}
+
+const char* error::what() const noexcept { return message_.what(); }
 
 namespace detail {
 void throw_error(errc e, const std::string& what) { throw error(e, what); }

@@ -804,12 +804,14 @@ limiter::limiter(const executor_type& ex, std::shared_ptr<resource> limits, limi
 limiter::limiter(std::shared_ptr<const detail::limiter_home> home, std::shared_ptr<resource> limits,
                  limiter_options options)
 {
-    if (!limits) detail::throw_error(errc::invalid_argument, "valve: a limiter needs a resource to limit by");
+    if (!limits)
+        detail::throw_error(errc::invalid_argument, "limiter: the resource is null; give one to limit by "
+                                                    "(a bucket_resource, say)");
     if (options.concurrency == 0)
-        detail::throw_error(errc::invalid_argument, "valve: concurrency must be at least 1 (nothing could run)");
+        detail::throw_error(errc::invalid_argument, "limiter: concurrency is 0 (nothing could run); give at least 1");
     if (options.queue_capacity == 0 && options.on_queue_full == queue_full_policy::wait)
         detail::throw_error(errc::invalid_argument,
-                            "valve: a zero-capacity queue with queue_full_policy::wait would never admit a task: "
+                            "limiter: a zero-capacity queue with queue_full_policy::wait would never admit a task; "
                             "give the queue room or use queue_full_policy::reject");
     core_ = std::make_shared<detail::limiter_core>(std::move(home), std::move(limits), options);
 }

@@ -44,12 +44,16 @@ void set_once(std::optional<T>& slot, T value, profile_config& c, const char* wh
     slot = std::move(value);
 }
 
+// Refuses a limit the bucket would refuse, with the bucket's own message after `where` (the
+// call and option), said once.
 void check_limit(const rate& r, std::size_t burst, const std::string& where)
 {
     try {
-        bucket_core probe{r, burst, std::chrono::steady_clock::time_point{}};
+        bucket_core::check(r, burst);
     } catch (const error& e) {
-        throw_error(errc::invalid_argument, where + ": " + e.what());
+        std::string_view inner = e.what();
+        if (inner.starts_with("valve: ")) inner.remove_prefix(7); // `where` names the call already
+        throw_error(errc::invalid_argument, where + ": " + std::string{inner});
     }
 }
 
@@ -297,31 +301,39 @@ manager::executor_type manager::get_executor() const noexcept { return state_->e
 void manager::register_profile(std::string name, detail::profile_config config)
 {
     using detail::throw_error;
-    const std::string where = "valve: profile \"" + name + "\"";
-    if (!config.errors.empty()) throw_error(errc::invalid_argument, where + ": " + config.errors.front());
+    const std::string where = "manager::register_profile(\"" + name + "\")";
+    if (name.empty()) throw_error(errc::invalid_argument, where + ": the profile name is empty; give it a name");
+    if (!config.errors.empty())
+        throw_error(errc::invalid_argument, where + ": " + config.errors.front() + "; give each option once");
     if (config.shared.has_value() == config.dedicated.has_value())
-        throw_error(errc::invalid_argument,
-                    where + " needs exactly one of shared_resource(...) or dedicated_resource(...)");
+        throw_error(errc::invalid_argument, where + ": " + (config.shared ? "both" : "neither") +
+                                                " of shared_resource(...) and dedicated_resource(...) given; "
+                                                "give exactly one");
     if (config.shared && config.idle)
-        throw_error(errc::invalid_argument,
-                    where + ": idle_timeout applies to dedicated profiles only (a shared one has one limiter)");
+        throw_error(errc::invalid_argument, where + ": idle_timeout applies to dedicated profiles only (a shared "
+                                                    "one has one limiter); remove it or use dedicated_resource(...)");
     if (config.idle && config.idle->count() <= 0)
-        throw_error(errc::invalid_argument, where + ": idle_timeout must be positive");
+        throw_error(errc::invalid_argument, where + ": idle_timeout is " + std::to_string(config.idle->count()) +
+                                                " ns; give a positive duration");
     const auto pool = config.pool.value_or(worker_pool_option{1, 100});
     const limiter_options options{pool.concurrency, pool.queue_capacity,
                                   config.policy.value_or(queue_full_policy::reject)};
     if (options.concurrency == 0)
-        throw_error(errc::invalid_argument, where + ": worker_pool concurrency must be at least 1");
+        throw_error(errc::invalid_argument, where + ": worker_pool concurrency is 0; give at least 1");
     if (options.queue_capacity == 0 && options.on_queue_full == queue_full_policy::wait)
-        throw_error(errc::invalid_argument,
-                    where + ": a zero-capacity queue with on_queue_full(wait) would never admit a task");
-    if (config.shared) detail::check_limit(config.shared->limit, config.shared->burst, where);
-    if (config.dedicated) detail::check_limit(config.dedicated->limit, config.dedicated->burst, where);
-    for (const auto& a : config.also) detail::check_limit(a.limit, a.burst, where + " (also_limit)");
+        throw_error(errc::invalid_argument, where + ": a zero-capacity queue with on_queue_full(wait) would never "
+                                                    "admit a task; give the queue room or use on_queue_full(reject)");
+    if (config.shared) detail::check_limit(config.shared->limit, config.shared->burst, where + ": shared_resource");
+    if (config.dedicated)
+        detail::check_limit(config.dedicated->limit, config.dedicated->burst, where + ": dedicated_resource");
+    for (const auto& a : config.also) detail::check_limit(a.limit, a.burst, where + ": also_limit");
 
     std::lock_guard lock{state_->mutex};
-    if (state_->shutting_down) throw_error(errc::shutting_down, where + ": the manager is shutting down");
-    if (state_->profiles.count(name) != 0) throw_error(errc::duplicate_profile, where + " is already registered");
+    if (state_->shutting_down)
+        throw_error(errc::shutting_down, where + ": the manager is shutting down and accepts no new profiles");
+    if (state_->profiles.count(name) != 0)
+        throw_error(errc::duplicate_profile, where + ": a profile of that name is already registered; choose "
+                                                     "another name");
 
     auto p = std::make_unique<detail::profile>();
     p->name = name;
@@ -341,7 +353,9 @@ void manager::register_profile(std::string name, detail::profile_config config)
             const auto& known = found->second.first;
             if (!(known.limit == config.shared->limit) || known.burst != config.shared->burst || !config.also.empty())
                 throw_error(errc::invalid_argument,
-                            where + ": resource \"" + key + "\" is already registered with other limits");
+                            where + ": shared_resource \"" + key + "\" is already registered as " +
+                                to_string(known.limit) + ", burst " + std::to_string(known.burst) +
+                                "; give the same limits and no also_limit to share it, or use another key");
             p->shared_limits = found->second.second;
         } else {
             p->shared_limits = state_->make_resource(config.shared->limit, config.shared->burst, config);
@@ -360,13 +374,18 @@ void manager::register_profile(std::string name, detail::profile_config config)
 std::shared_ptr<limiter> manager::get_limiter(std::string_view profile_name, std::string_view user)
 {
     std::vector<std::shared_ptr<limiter>> dropped; // released outside the lock
+    const auto where = [&] {
+        return "manager::get_limiter(\"" + std::string{profile_name} + "\", \"" + std::string{user} + "\")";
+    };
+    if (profile_name.empty())
+        detail::throw_error(errc::invalid_argument, where() + ": the profile name is empty; give a registered one");
     std::lock_guard lock{state_->mutex};
     if (state_->shutting_down)
-        detail::throw_error(errc::shutting_down, "valve: get_limiter: the manager is shutting down");
+        detail::throw_error(errc::shutting_down, where() + ": the manager is shutting down and hands out no limiters");
     const auto found = state_->profiles.find(profile_name);
     if (found == state_->profiles.end())
-        detail::throw_error(errc::unknown_profile,
-                            "valve: get_limiter: no profile \"" + std::string(profile_name) + "\" is registered");
+        detail::throw_error(errc::unknown_profile, where() + ": no profile \"" + std::string{profile_name} +
+                                                       "\" is registered; register it first");
     detail::profile& p = *found->second;
     // Users of a shared profile share its queue, each under an id of its own so that they are
     // served round-robin; a handle is cheap and not kept (a million one-off users cost nothing).
@@ -404,8 +423,9 @@ limiter_stats manager::stats(std::string_view profile_name) const
         std::lock_guard lock{state_->mutex};
         const auto found = state_->profiles.find(profile_name);
         if (found == state_->profiles.end())
-            detail::throw_error(errc::unknown_profile, "manager::stats: no profile \"" + std::string{profile_name} +
-                                                   "\" is registered");
+            detail::throw_error(errc::unknown_profile, "manager::stats(\"" + std::string{profile_name} +
+                                                           "\"): no profile \"" + std::string{profile_name} +
+                                                           "\" is registered; register it first");
         const auto& p = *found->second;
         sum = p.retired;
         if (p.shared_limiter) limiters.push_back(p.shared_limiter);
@@ -417,18 +437,21 @@ limiter_stats manager::stats(std::string_view profile_name) const
 
 void manager::set_rate(std::string_view profile_name, rate r)
 {
-    const std::string where = "manager::set_rate(\"" + std::string{profile_name} + "\")";
+    const std::string where = "manager::set_rate(\"" + std::string{profile_name} + "\", " + to_string(r) + ")";
     if (const auto ec = validate(r))
-        detail::throw_error(errc::invalid_argument, where + ": " + to_string(r) + " is not a usable rate");
+        detail::throw_error(errc::invalid_argument,
+                            where + ": not a usable rate; give a finite, non-negative count over a positive "
+                                    "period, at most 8 tokens per nanosecond, or rate::unlimited()");
     auto primary = [](resource& res) -> token_bucket& { return static_cast<bucket_resource&>(res).primary(); };
     std::lock_guard lock{state_->mutex};
     const auto found = state_->profiles.find(profile_name);
     if (found == state_->profiles.end())
-        detail::throw_error(errc::unknown_profile, where + ": no profile of that name is registered");
+        detail::throw_error(errc::unknown_profile,
+                            where + ": no profile \"" + std::string{profile_name} + "\" is registered; register it first");
     auto& p = *found->second;
     // Checked against the profile's burst before anything changes: a rate its bucket cannot
     // take must not reach the users' limiters, nor the ones made later.
-    bucket_core::check(r, p.shared_limits ? p.config.shared->burst : p.config.dedicated->burst);
+    detail::check_limit(r, p.shared_limits ? p.config.shared->burst : p.config.dedicated->burst, where);
     if (p.shared_limits) {
         primary(*p.shared_limits).set_rate(r);
         return;

@@ -56,7 +56,9 @@ retry_budget::retry_budget(retry_budget_options options) : options_(options), sl
         detail::throw_error(errc::invalid_argument, "retry_budget: min_retries_per_second must be a finite number >= 0, got " +
                                                         std::to_string(options.min_retries_per_second));
     if (options.window < std::chrono::nanoseconds(slots))
-        detail::throw_error(errc::invalid_argument, "retry_budget: the window must be positive (at least 10 ns)");
+        detail::throw_error(errc::invalid_argument, "retry_budget: the window is " +
+                                                        std::to_string(options.window.count()) +
+                                                        " ns; give at least 10 ns");
 }
 
 retry_budget::slot& retry_budget::at(time_point now)

@@ -3,6 +3,7 @@
 #include "detail/bucket_impl.hpp"
 #include "detail/cancellation.hpp"
 
+#include <valve/detail/saturate.hpp>
 #include <valve/error.hpp>
 
 #include <boost/asio/append.hpp>
@@ -14,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 namespace asio = boost::asio;
 
@@ -116,7 +118,43 @@ void bucket_impl::enqueue(std::uint64_t id, waiter w)
     auto& queue = serving_if_made()->queue;
     const auto it = queue.emplace(id, std::move(w)).first;
     // Only a new head changes the plan; others wait their turn behind the armed timer.
-    if (it == queue.begin()) pump(clock::now());
+    if (first_in_line(it)) pump(clock::now());
+}
+
+bool bucket_impl::first_in_line(std::map<std::uint64_t, waiter>::iterator it) const
+{
+    // Held places are never served here, so the waiter after them is the head.
+    for (auto i = serving_if_made()->queue.begin(); i != it; ++i)
+        if (!i->second.is_hold) return false;
+    return true;
+}
+
+std::uint64_t bucket_impl::hold(std::size_t n, std::weak_ptr<bucket_watcher> owner, std::size_t tag)
+{
+    serving_state& s = serving();
+    pending_tokens_.fetch_add(n, std::memory_order_relaxed);
+    const std::uint64_t id = s.next_id.fetch_add(1, std::memory_order_relaxed);
+    waiter w{{}, {}, n, time_point::max(), std::move(owner), tag, true, false};
+    asio::post(s.strand, [self = shared_from_this(), id, w = std::move(w)]() mutable {
+        auto& queue = self->serving_if_made()->queue;
+        const auto it = queue.emplace(id, std::move(w)).first;
+        if (self->first_in_line(it)) self->pump(clock::now());
+    });
+    return id;
+}
+
+void bucket_impl::unhold(std::uint64_t id)
+{
+    on_strand([id](bucket_impl& b) {
+        auto& queue = b.serving_if_made()->queue;
+        const auto it = queue.find(id);
+        if (it == queue.end()) return;
+        b.pending_tokens_.fetch_sub(it->second.n, std::memory_order_relaxed);
+        queue.erase(it);
+        // The waiters behind it were planned around its tokens.
+        b.serving_if_made()->planned = time_point::max();
+        b.pump(clock::now());
+    });
 }
 
 void bucket_impl::on_cancel(std::uint64_t id)
@@ -124,7 +162,7 @@ void bucket_impl::on_cancel(std::uint64_t id)
     auto& queue = serving_if_made()->queue;
     const auto it = queue.find(id);
     if (it == queue.end()) return; // already completed
-    const bool was_head = it == queue.begin();
+    const bool was_head = first_in_line(it);
     finish(it, asio::error::operation_aborted);
     if (was_head) pump(clock::now());
 }
@@ -144,23 +182,38 @@ void bucket_impl::pump(time_point cursor)
     const time_point now = clock::now();
     // A timer that fired late grants as of when it was due (at most one token interval back),
     // so wake-up latency does not erode the rate.
-    cursor = std::clamp(cursor, now - backdate_limit(core_.current_rate()), now);
-    while (!s.queue.empty()) {
-        const auto it = s.queue.begin();
-        const waiter& w = it->second;
-        if (w.n > core_.burst() && !core_.current_rate().is_unlimited()) {
-            finish(it, errc::exceeds_burst);
+    cursor = std::clamp(cursor, saturating_add(now, -backdate_limit(core_.current_rate())), now);
+    // Tokens of the places held at the front: the waiters behind them leave those in the bucket.
+    std::size_t held = 0;
+    for (auto it = s.queue.begin(); it != s.queue.end();) {
+        waiter& w = it->second;
+        if (w.is_hold) {
+            const auto owner = w.holder.lock();
+            if (!owner) {
+                // Its acquisition ended without giving it up (its io_context was destroyed).
+                pending_tokens_.fetch_sub(w.n, std::memory_order_relaxed);
+                it = s.queue.erase(it);
+                continue;
+            }
+            held += w.n;
+            if (!std::exchange(w.told, true)) owner->turn_reached(w.tag);
+            ++it;
             continue;
         }
-        const time_point due = core_.earliest(w.n, cursor);
+        if (w.n > core_.burst() && !core_.current_rate().is_unlimited()) {
+            finish(it++, errc::exceeds_burst);
+            continue;
+        }
+        const time_point due = core_.earliest(w.n, cursor, held);
         if (due > w.deadline) {
-            finish(it, errc::would_exceed_deadline);
+            finish(it++, errc::would_exceed_deadline);
             continue;
         }
         if (due <= now) {
-            if (core_.try_take(w.n, due) || core_.try_take(w.n, now)) {
+            // Taking at `due` leaves `held` tokens in the bucket, as planned.
+            if (core_.try_take(w.n, due) || (held == 0 && core_.try_take(w.n, now))) {
                 cursor = due;
-                finish(it, {});
+                finish(it++, {});
             }
             // else another taker (a bucket_set) got there first: plan again
             continue;
@@ -189,11 +242,22 @@ void bucket_impl::arm(time_point t)
     });
 }
 
+void bucket_impl::finish_waiters(boost::system::error_code ec)
+{
+    // Held places stay until their owners, told through `notify`, give them up.
+    auto& queue = serving_if_made()->queue;
+    for (auto it = queue.begin(); it != queue.end();) {
+        if (it->second.is_hold)
+            ++it;
+        else
+            finish(it++, ec);
+    }
+}
+
 void bucket_impl::cancel_all()
 {
     on_strand([](bucket_impl& b) {
-        auto& queue = b.serving_if_made()->queue;
-        while (!queue.empty()) b.finish(queue.begin(), asio::error::operation_aborted);
+        b.finish_waiters(asio::error::operation_aborted);
         b.pump(clock::now());
     });
     notify(true);
@@ -233,7 +297,7 @@ void bucket_impl::fail_missed_deadlines()
     std::size_t ahead = 0;
     for (auto it = queue.begin(); it != queue.end();) {
         const waiter& w = it->second;
-        if (w.deadline != time_point::max() && core_.earliest(w.n, now, ahead) > w.deadline) {
+        if (!w.is_hold && w.deadline != time_point::max() && core_.earliest(w.n, now, ahead) > w.deadline) {
             finish(it++, errc::would_exceed_deadline);
             continue;
         }
@@ -246,8 +310,7 @@ void bucket_impl::close()
 {
     closed_.store(true);
     on_strand([](bucket_impl& b) {
-        auto& queue = b.serving_if_made()->queue;
-        while (!queue.empty()) b.finish(queue.begin(), asio::error::operation_aborted);
+        b.finish_waiters(asio::error::operation_aborted);
         b.pump(clock::now());
     });
     notify(true);

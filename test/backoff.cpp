@@ -115,3 +115,20 @@ TEST(backoff, bad_policies_are_refused_with_a_clear_error)
     EXPECT_EQ(code_of([] { valve::backoff_policy{valve::constant_backoff{.interval = -1ms}}; }), invalid);
     EXPECT_EQ(code_of([] { valve::backoff_policy{valve::backoff_function{}}; }), invalid);
 }
+
+TEST(backoff, the_longest_durations_saturate_instead_of_overflowing)
+{
+    // `max_elapsed - elapsed` overflowed for an elapsed time below zero, and the policy gave up.
+    const valve::backoff_policy forever =
+        valve::constant_backoff{.interval = 1s, .max_elapsed = nanoseconds::max(), .max_attempts = 5};
+    EXPECT_EQ(forever.next({.attempts = 1, .elapsed = -1ns, .random = 0.0}), nanoseconds(1s));
+    EXPECT_EQ(forever.next({.attempts = 1, .elapsed = nanoseconds::min(), .random = 0.0}), nanoseconds(1s));
+    // The longest interval, even with jitter upwards, is the longest delay.
+    const valve::backoff_policy longest = valve::exponential_backoff{.initial = nanoseconds::max(),
+                                                                     .multiplier = 2.0,
+                                                                     .max_interval = nanoseconds::max(),
+                                                                     .jitter = 1.0,
+                                                                     .max_elapsed = nanoseconds::max(),
+                                                                     .max_attempts = 5};
+    EXPECT_EQ(longest.next({.attempts = 3, .elapsed = 0ns, .random = 0.99}), nanoseconds::max());
+}

@@ -8,6 +8,7 @@
 #include <boost/asio/deferred.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
 #include <gtest/gtest.h>
@@ -15,6 +16,7 @@
 #include "support.hpp"
 
 #include <chrono>
+#include <functional>
 #include <optional>
 #include <vector>
 
@@ -214,4 +216,45 @@ TEST(bucket_set, coroutines_compose_limits)
     EXPECT_EQ(granted, 6);
     EXPECT_EQ(last, valve::errc::would_exceed_deadline);
     EXPECT_GT(both.next_available(), std::chrono::steady_clock::now() + 5s);
+}
+
+TEST(bucket_set, is_not_starved_by_a_stream_of_single_token_waiters)
+{
+    // Two single-token waiters keep re-queueing on a bucket of 1000/s while a set asks for 5.
+    // Served in arrival order, the set waits for at most the two tokens ahead of it and its own
+    // five: 7 token intervals. Starved, it waited ~180 times that.
+    asio::io_context ioc;
+    constexpr std::size_t burst = 5;
+    constexpr int stream = 2;
+    token_bucket a{ioc, rate::per_second(1000), burst};
+    ASSERT_TRUE(a.try_acquire(burst));
+    bucket_set set{a};
+    bool set_done = false;
+    int grants = 0;
+    std::function<void()> requeue = [&] {
+        a.async_acquire(1, [&](error_code ec) {
+            ASSERT_FALSE(ec);
+            ++grants;
+            if (!set_done) requeue();
+        });
+    };
+    for (int i = 0; i < stream; ++i) requeue();
+    ioc.poll();
+    const auto ideal = std::chrono::milliseconds(stream + static_cast<int>(burst)); // 1 ms per token
+    const auto start = std::chrono::steady_clock::now();
+    auto granted_after = std::chrono::steady_clock::duration::max();
+    // The stream stops on its own after 3 s, so a starved set still ends the test.
+    asio::steady_timer stop{ioc, 3s};
+    stop.async_wait([&](error_code) { set_done = true; });
+    result_probe r;
+    set.async_acquire(burst, [&](error_code ec) {
+        r.handler()(ec);
+        granted_after = std::chrono::steady_clock::now() - start;
+        set_done = true;
+        stop.cancel();
+    });
+    ioc.run_until(std::chrono::steady_clock::now() + 5s);
+    ASSERT_EQ(r.calls, 1);
+    EXPECT_FALSE(r.ec);
+    EXPECT_LT(granted_after, 10 * ideal) << "the set was starved: " << grants << " single tokens went first";
 }

@@ -39,3 +39,21 @@ TEST(error, valve_error_is_a_system_error_carrying_the_code)
     }
     FAIL() << "not caught as boost::system::system_error";
 }
+
+TEST(error, what_is_the_message_given_once_and_code_is_kept)
+{
+    const valve::error e{valve::errc::unknown_profile, "manager::stats(\"gold\"): no profile \"gold\" is registered"};
+    EXPECT_STREQ(e.what(), "manager::stats(\"gold\"): no profile \"gold\" is registered");
+    EXPECT_EQ(e.code(), valve::errc::unknown_profile);
+    // A copy (as thrown and caught by value) says the same.
+    const valve::error copy = e;
+    EXPECT_STREQ(copy.what(), e.what());
+}
+
+TEST(error, without_a_message_what_is_the_category_message)
+{
+    const valve::error e{valve::errc::queue_full};
+    EXPECT_EQ(std::string{e.what()}, make_error_code(valve::errc::queue_full).message());
+    EXPECT_EQ(e.code(), valve::errc::queue_full);
+    EXPECT_EQ(std::string{e.what()}.find("[valve:"), std::string::npos);
+}

@@ -261,6 +261,74 @@ TEST(manager, options_that_do_not_fit_are_refused)
     EXPECT_EQ(thrown_by([&] { mgr.get_limiter("d", "u"); }), valve::errc::unknown_profile);
 }
 
+namespace {
+
+// The message of the valve::error that `f` throws (empty if none).
+template <class F>
+std::string message_of(F&& f)
+{
+    try {
+        f();
+    } catch (const valve::error& e) {
+        return e.what();
+    }
+    return {};
+}
+
+// Whether `text` says `phrase` more than once.
+bool repeats(const std::string& text, const std::string& phrase)
+{
+    const auto first = text.find(phrase);
+    return first != std::string::npos && text.find(phrase, first + 1) != std::string::npos;
+}
+
+} // namespace
+
+TEST(manager, error_messages_say_what_was_wrong_and_what_to_do_once)
+{
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    mgr.register_profile("p", valve::dedicated_resource(rate::per_second(1)));
+
+    const auto bad_rate =
+        message_of([&] { mgr.register_profile("u", valve::dedicated_resource(rate::per_second(std::nan("")))); });
+    EXPECT_TRUE(bad_rate.starts_with("manager::register_profile(\"u\"): dedicated_resource: ")) << bad_rate;
+    EXPECT_NE(bad_rate.find("nan"), std::string::npos) << bad_rate;
+    EXPECT_FALSE(repeats(bad_rate, "valve")) << bad_rate;
+    EXPECT_FALSE(repeats(bad_rate, "invalid")) << bad_rate;
+    EXPECT_EQ(bad_rate.find("[valve:"), std::string::npos) << bad_rate;
+
+    EXPECT_EQ(message_of([&] { mgr.get_limiter("nope", "u"); }),
+              "manager::get_limiter(\"nope\", \"u\"): no profile \"nope\" is registered; register it first");
+    EXPECT_EQ(message_of([&] { (void)mgr.stats("nope"); }),
+              "manager::stats(\"nope\"): no profile \"nope\" is registered; register it first");
+    EXPECT_EQ(message_of([&] { mgr.set_rate("nope", rate::per_second(5)); }),
+              "manager::set_rate(\"nope\", 5/s): no profile \"nope\" is registered; register it first");
+    const auto bad_set = message_of([&] { mgr.set_rate("p", rate::per_second(-1)); });
+    EXPECT_TRUE(bad_set.starts_with("manager::set_rate(\"p\", -1/s): ")) << bad_set;
+    EXPECT_NE(bad_set.find("rate::unlimited()"), std::string::npos) << bad_set;
+    EXPECT_EQ(message_of([&] { mgr.register_profile("p", valve::dedicated_resource(rate::per_second(1))); }),
+              "manager::register_profile(\"p\"): a profile of that name is already registered; choose another name");
+    EXPECT_EQ(message_of([&] {
+                  mgr.register_profile("w", valve::dedicated_resource(rate::per_second(1)), valve::worker_pool(0, 10));
+              }),
+              "manager::register_profile(\"w\"): worker_pool concurrency is 0; give at least 1");
+}
+
+TEST(manager, an_empty_profile_name_is_refused)
+{
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    EXPECT_EQ(thrown_by([&] { mgr.register_profile("", valve::dedicated_resource(rate::per_second(1))); }),
+              valve::errc::invalid_argument);
+    EXPECT_EQ(message_of([&] { mgr.register_profile("", valve::dedicated_resource(rate::per_second(1))); }),
+              "manager::register_profile(\"\"): the profile name is empty; give it a name");
+    EXPECT_EQ(thrown_by([&] { mgr.get_limiter("", "u"); }), valve::errc::invalid_argument);
+    // An empty user name is an ordinary user.
+    mgr.register_profile("p", valve::dedicated_resource(rate::per_second(1)));
+    EXPECT_NE(mgr.get_limiter("p", ""), nullptr);
+}
+
 TEST(manager, idle_dedicated_limiters_are_evicted)
 {
     asio::io_context ioc;

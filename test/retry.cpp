@@ -195,6 +195,34 @@ TEST(retry, cancelling_during_a_backoff_sleep_ends_it_at_once)
     EXPECT_EQ(valve::test::code_of(error), asio::error::operation_aborted) << message_of(error);
 }
 
+TEST(retry, the_longest_backoff_sleeps_rather_than_retrying_at_once)
+{
+    // A sleep of nanoseconds::max() must not wrap into an immediate retry.
+    asio::io_context ioc;
+    const valve::backoff_policy longest =
+        valve::constant_backoff{.interval = nanoseconds::max(), .max_elapsed = nanoseconds::max(), .max_attempts = 3};
+    asio::cancellation_signal cancel;
+    int calls = 0;
+    nanoseconds announced{0};
+    int completions = 0;
+    asio::co_spawn(ioc,
+                   valve::retry(
+                       longest,
+                       [&]() -> int {
+                           ++calls;
+                           throw transient("down");
+                       },
+                       valve::on_retry([&](const valve::retry_event& ev) { announced = ev.delay; })),
+                   asio::bind_cancellation_slot(cancel.slot(), [&](std::exception_ptr, int) { ++completions; }));
+    ioc.run_for(50ms);
+    EXPECT_EQ(calls, 1) << "retried at once instead of sleeping";
+    EXPECT_EQ(announced, nanoseconds::max());
+    cancel.emit(asio::cancellation_type::terminal);
+    ioc.run_for(5s);
+    EXPECT_EQ(completions, 1);
+    EXPECT_EQ(calls, 1);
+}
+
 TEST(retry_budget, allows_retries_up_to_the_ratio_of_recent_calls)
 {
     valve::retry_budget b{{.ratio = 0.2, .min_retries_per_second = 0.0, .window = 10s}};

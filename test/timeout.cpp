@@ -70,6 +70,21 @@ TEST(with_timeout, a_fast_operation_returns_its_value_and_leaves_no_timer_behind
     EXPECT_LT(clock_type::now() - start, 30s) << "the hour-long timeout timer kept the io_context busy";
 }
 
+TEST(with_timeout, the_longest_timeouts_never_fire_rather_than_overflow)
+{
+    // `now + nanoseconds::max()` overflowed into the past: the timer fired at once and the
+    // operation was cancelled as timed out.
+    asio::io_context ioc;
+    auto [e1, v1] = run_to_end(ioc, valve::with_timeout(std::chrono::nanoseconds::max(), sleepy(1ms, 7, nullptr)));
+    EXPECT_FALSE(e1) << valve::test::code_of(e1).message();
+    EXPECT_EQ(v1, 7);
+    // A duration beyond nanoseconds' range is the longest timeout, not a wrapped one.
+    ioc.restart();
+    auto [e2, v2] = run_to_end(ioc, valve::with_timeout(std::chrono::hours::max(), sleepy(1ms, 8, nullptr)));
+    EXPECT_FALSE(e2) << valve::test::code_of(e2).message();
+    EXPECT_EQ(v2, 8);
+}
+
 TEST(with_timeout, an_operation_that_fails_fast_reports_its_own_error_at_once)
 {
     asio::io_context ioc;
@@ -165,6 +180,30 @@ TEST(hedge, a_fast_first_answer_starts_no_other_copy)
     }));
     ASSERT_FALSE(e);
     EXPECT_EQ(v, 5);
+    EXPECT_EQ(calls, 1);
+}
+
+TEST(hedge, the_longest_delay_starts_exactly_one_copy)
+{
+    // `delay * 2` overflowed to a negative wait: the third copy started at once.
+    asio::io_context ioc;
+    int calls = 0;
+    auto [e, v] = run_to_end(ioc, valve::hedge(3, std::chrono::nanoseconds::max(), [&]() -> asio::awaitable<int> {
+        ++calls;
+        co_return co_await sleepy(1ms, 5, nullptr);
+    }));
+    ASSERT_FALSE(e);
+    EXPECT_EQ(v, 5);
+    EXPECT_EQ(calls, 1);
+
+    ioc.restart();
+    calls = 0;
+    auto [e2, v2] = run_to_end(ioc, valve::hedge(4, std::chrono::hours::max(), [&]() -> asio::awaitable<int> {
+        ++calls;
+        co_return co_await sleepy(1ms, 6, nullptr);
+    }));
+    ASSERT_FALSE(e2);
+    EXPECT_EQ(v2, 6);
     EXPECT_EQ(calls, 1);
 }
 

@@ -23,12 +23,15 @@ void initiate_acquire_all(const std::shared_ptr<const bucket_set_state>& set, ac
 
 /// Several buckets taken from together, all or nothing: 2/s *and* 10/min *and* a disk bucket.
 ///
-/// An acquisition takes `n` tokens from every bucket at one instant or from none. While it
-/// waits it holds nothing: it sleeps until the moment every bucket could give `n` (after the
-/// waiters already queued on each when it arrived), then takes from all; if another caller got
-/// there first, it gives back what it took and plans again. So no bucket's tokens sit idle
-/// while another is slow. A change of rate or burst on any bucket re-plans it at once;
-/// `cancel()` or destruction of any bucket cancels it.
+/// An acquisition takes `n` tokens from every bucket at one instant or from none. It waits its
+/// turn like any waiter: it holds a place in each bucket's queue, behind the waiters already
+/// queued there, and waiters that come later are planned behind its `n` tokens, so a stream of
+/// small waiters cannot starve it. Once its turn has come on every bucket it sleeps until the
+/// moment every bucket could give `n`, then takes from all; if another caller got there first
+/// (`try_acquire` does not queue), it gives back what it took and plans again. It takes nothing
+/// while it waits, and later waiters only leave its `n` tokens in each bucket, so a bucket goes
+/// on serving them while another bucket is slow. A change of rate or burst on any bucket
+/// re-plans it at once; `cancel()` or destruction of any bucket cancels it.
 ///
 /// The buckets are shared, not owned: each may be used on its own and in other sets. Their
 /// queues stay alive as long as an acquisition needs them, and so does the set's own state:

@@ -4,6 +4,7 @@
 #include <boost/system/error_code.hpp>
 #include <boost/system/system_error.hpp>
 
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 
@@ -43,12 +44,21 @@ inline boost::system::error_code make_error_code(errc e) noexcept
 
 /// The exception thrown by valve's throwing APIs (constructors, configuration calls).
 ///
-/// It carries the same `error_code` an asynchronous operation would report, and a message that
-/// names the call and the offending value.
+/// It carries the same `error_code` an asynchronous operation would report (`code()`), and a
+/// message that names the call and the offending value and says what to do. `what()` is that
+/// message alone: unlike `boost::system::system_error`'s, it does not repeat the category's
+/// message or append the code.
 class error : public boost::system::system_error {
 public:
+    /// `what()` returns `what_arg`.
     error(errc e, const std::string& what_arg);
+    /// `what()` returns the category's message for `e`.
     explicit error(errc e);
+
+    const char* what() const noexcept override;
+
+private:
+    std::runtime_error message_; // copied without allocating, as exceptions should be
 };
 
 namespace detail {

@@ -2,6 +2,7 @@
 #define VALVE_HEDGE_HPP
 
 #include <valve/detail/awaitable_traits.hpp>
+#include <valve/detail/saturate.hpp>
 
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -47,7 +48,8 @@ auto hedge_impl(std::size_t copies, std::chrono::nanoseconds delay, Op op) -> st
     std::vector<copy_op> ops;
     ops.reserve(copies);
     for (std::size_t i = 0; i < copies; ++i) {
-        const auto wait = delay * static_cast<std::chrono::nanoseconds::rep>(i);
+        // Saturated: with the longest delays the later copies never start, rather than at once.
+        const auto wait = saturating_mul(delay, i);
         ops.push_back(asio::co_spawn(ex, hedge_copy(op, wait), asio::deferred));
     }
     // The first success cancels the others (those still waiting never start), and every copy
@@ -79,14 +81,15 @@ auto hedge_impl(std::size_t copies, std::chrono::nanoseconds delay, Op op) -> st
 /// started, on the awaiting coroutine's executor. Each copy that goes through a limiter takes
 /// its own token there. A copy that fails does not start the next one early: copies start on
 /// their schedule until one succeeds. Throws `valve::error` (`errc::invalid_argument`) for
-/// zero copies or a negative delay.
+/// zero copies or a negative delay. A delay too long for the clock (`nanoseconds::max()`)
+/// starts only the first copy.
 template <class Op, class Rep, class Period>
 auto hedge(std::size_t copies, std::chrono::duration<Rep, Period> delay, Op&& op)
     -> std::invoke_result_t<std::decay_t<Op>&>
 {
     static_assert(detail::awaitable_value<std::invoke_result_t<std::decay_t<Op>&>>::is_awaitable,
                   "valve::hedge: op must return an asio::awaitable");
-    const auto d = std::chrono::duration_cast<std::chrono::nanoseconds>(delay);
+    const auto d = detail::saturating_cast<std::chrono::nanoseconds>(delay);
     detail::check_hedge(copies, d);
     return detail::hedge_impl(copies, d, std::decay_t<Op>(std::forward<Op>(op)));
 }

@@ -697,7 +697,7 @@ public:
     auto async_shutdown(std::chrono::duration<Rep, Period> grace, CompletionToken&& token)
     {
         return boost::asio::async_initiate<CompletionToken, void(boost::system::error_code)>(
-            shutdown_initiation{}, token, core_, std::chrono::duration_cast<std::chrono::nanoseconds>(grace));
+            shutdown_initiation{}, token, core_, detail::saturating_cast<std::chrono::nanoseconds>(grace));
     }
 
     /// Refuses new tasks from now on (`errc::shutting_down`), aborts every queued task

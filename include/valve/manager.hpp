@@ -1,6 +1,7 @@
 #ifndef VALVE_MANAGER_HPP
 #define VALVE_MANAGER_HPP
 
+#include <valve/detail/saturate.hpp>
 #include <valve/limiter.hpp>
 #include <valve/rate.hpp>
 
@@ -80,7 +81,7 @@ struct idle_timeout_option {
 template <class Rep, class Period>
 idle_timeout_option idle_timeout(std::chrono::duration<Rep, Period> d)
 {
-    return {std::chrono::duration_cast<std::chrono::nanoseconds>(d)};
+    return {detail::saturating_cast<std::chrono::nanoseconds>(d)};
 }
 
 /// Profile option: run the profile's blocking tasks on `ex` instead of a thread pool the
@@ -160,10 +161,11 @@ public:
     executor_type get_executor() const noexcept;
 
     /// Registers a profile. Throws `valve::error`: `errc::duplicate_profile` for a name already
-    /// registered; `errc::invalid_argument` for options that do not fit together (neither or
-    /// both of a shared and a dedicated resource, an option given twice, an idle timeout on a
-    /// shared profile, a resource key already registered with other limits), zero concurrency,
-    /// a zero-capacity queue with `queue_full_policy::wait`, or an invalid rate or burst.
+    /// registered; `errc::invalid_argument` for an empty name, options that do not fit together
+    /// (neither or both of a shared and a dedicated resource, an option given twice, an idle
+    /// timeout on a shared profile, a resource key already registered with other limits), zero
+    /// concurrency, a zero-capacity queue with `queue_full_policy::wait`, or an invalid rate or
+    /// burst.
     template <class... Options>
     void register_profile(std::string name, Options&&... options)
     {
@@ -175,8 +177,9 @@ public:
     /// The limiter for `user` under `profile`: for a shared profile, a handle on the profile's
     /// one limiter that marks the tasks as `user`'s (see `limiter::for_user`); for a dedicated
     /// profile, the user's own limiter. Throws `valve::error` with
-    /// `errc::unknown_profile` for a profile never registered, `errc::shutting_down` after
-    /// shutdown began.
+    /// `errc::unknown_profile` for a profile never registered, `errc::invalid_argument` for an
+    /// empty profile name, `errc::shutting_down` after shutdown began. An empty user name is an
+    /// ordinary user.
     std::shared_ptr<limiter> get_limiter(std::string_view profile, std::string_view user);
 
     /// Limiters alive for `profile` now (1 for a shared profile; one per recent user for a
@@ -219,7 +222,7 @@ public:
             [](detail::acquire_handler h, manager* self, std::chrono::nanoseconds g) {
                 self->start_shutdown(std::move(h), g);
             },
-            token, this, std::chrono::duration_cast<std::chrono::nanoseconds>(grace));
+            token, this, detail::saturating_cast<std::chrono::nanoseconds>(grace));
     }
 
     /// Blocking `async_shutdown`, then joins the profiles' threads. The shutdown's steps and

@@ -1,6 +1,8 @@
 #ifndef VALVE_RATE_HPP
 #define VALVE_RATE_HPP
 
+#include <valve/detail/saturate.hpp>
+
 #include <boost/system/error_code.hpp>
 
 #include <chrono>
@@ -27,7 +29,7 @@ public:
     template <class Rep, class Period>
     static constexpr rate per(double tokens, std::chrono::duration<Rep, Period> period) noexcept
     {
-        return rate{tokens, std::chrono::duration_cast<std::chrono::nanoseconds>(period).count()};
+        return rate{tokens, detail::saturating_cast<std::chrono::nanoseconds>(period).count()};
     }
 
     /// One token every `interval`.

@@ -3,6 +3,7 @@
 
 #include <valve/backoff.hpp>
 #include <valve/detail/awaitable_traits.hpp>
+#include <valve/detail/saturate.hpp>
 
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/cancellation_type.hpp>
@@ -179,7 +180,7 @@ boost::asio::awaitable<eventual_result_t<Op>> retry_loop(retry_state state, Op o
         const auto delay = state.failed(error, cs.cancelled() != asio::cancellation_type::none);
         if (!delay) std::rethrow_exception(error);
         if (!timer) timer.emplace(co_await asio::this_coro::executor);
-        timer->expires_after(*delay);
+        timer->expires_at(saturating_add(std::chrono::steady_clock::now(), *delay));
         co_await timer->async_wait(asio::use_awaitable); // cancellable: throws operation_aborted
     }
 }

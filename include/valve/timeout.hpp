@@ -1,6 +1,8 @@
 #ifndef VALVE_TIMEOUT_HPP
 #define VALVE_TIMEOUT_HPP
 
+#include <valve/detail/saturate.hpp>
+
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/deferred.hpp>
@@ -58,13 +60,16 @@ boost::asio::awaitable<T, Executor> race_timer(std::chrono::steady_clock::time_p
 /// `op` finishing first cancels the timer, so nothing outlives the call and nothing completes
 /// late. An operation that ignores cancellation delays the timeout until it ends; one that
 /// succeeds in the same instant the timer fires keeps its result. Cancelling the awaiting
-/// coroutine cancels both and rethrows `op`'s `operation_aborted`.
+/// coroutine cancels both and rethrows `op`'s `operation_aborted`. A timeout too long for the
+/// clock (`nanoseconds::max()`, say) never fires.
 template <class T, class Executor, class Rep, class Period>
 boost::asio::awaitable<T, Executor> with_timeout(std::chrono::duration<Rep, Period> timeout,
                                                  boost::asio::awaitable<T, Executor> op)
 {
-    const auto allowed = std::chrono::duration_cast<std::chrono::nanoseconds>(timeout);
-    return detail::race_timer(std::chrono::steady_clock::now() + allowed, allowed, std::move(op));
+    // Saturated: the longest durations never fire rather than wrap into the past.
+    const auto allowed = detail::saturating_cast<std::chrono::nanoseconds>(timeout);
+    return detail::race_timer(detail::saturating_add(std::chrono::steady_clock::now(), allowed), allowed,
+                              std::move(op));
 }
 
 /// Awaits `op` until `deadline` at the latest; as `with_timeout`.

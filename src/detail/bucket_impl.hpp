@@ -32,10 +32,13 @@ void post_completion(acquire_handler handler, const boost::asio::any_io_executor
 std::chrono::nanoseconds backdate_limit(const rate& r) noexcept;
 
 /// An operation that waits on several buckets at once (a bucket_set acquisition): told when a
-/// bucket's rate or burst changes, or when the bucket cancels its waiters.
+/// bucket's rate or burst changes, or when the bucket cancels its waiters; and, for each place
+/// it holds in a bucket's queue, when every waiter ahead of that place has been served.
 class bucket_watcher {
 public:
     virtual void bucket_changed(bool cancelled) = 0;
+    /// The place `tag` (given to `bucket_impl::hold`) has reached the front of its queue.
+    virtual void turn_reached(std::size_t tag) = 0;
 
 protected:
     ~bucket_watcher() = default;
@@ -70,12 +73,21 @@ public:
     void watch(std::weak_ptr<bucket_watcher> w);
     void unwatch(const bucket_watcher* w);
 
+    /// Holds a place for `n` tokens at the back of the queue for `owner`, which takes the tokens
+    /// itself (all or nothing with other buckets): waiters that come later are planned behind
+    /// those `n` tokens, and `owner->turn_reached(tag)` is called once the waiters ahead are
+    /// served. Safe from any thread; returns the place's id, for `unhold`.
+    std::uint64_t hold(std::size_t n, std::weak_ptr<bucket_watcher> owner, std::size_t tag);
+    /// Gives up a place taken by `hold` (the owner took its tokens, or stopped waiting).
+    void unhold(std::uint64_t id);
+
     boost::asio::any_io_executor executor_;
     bucket_core core_;
     // Waiters between initiation and completion (queued, or on their way to the queue); while
     // any exist, try_acquire says no so that nobody overtakes them. Written only by waiters.
     std::atomic<std::size_t> pending_{0};
-    // Tokens those waiters ask for, for projections (deadlines, next_available, bucket_set).
+    // Tokens those waiters and held places ask for, for projections (deadlines, next_available,
+    // bucket_set).
     std::atomic<std::size_t> pending_tokens_{0};
 
 private:
@@ -84,6 +96,11 @@ private:
         boost::asio::any_completion_executor work; // keeps the handler's executor from running out of work
         std::size_t n;
         time_point deadline;
+        // A place held by a bucket_set acquisition (see `hold`): no handler; never served here.
+        std::weak_ptr<bucket_watcher> holder = {};
+        std::size_t tag = 0;
+        bool is_hold = false;
+        bool told = false;
     };
     struct cancel_handler;
 
@@ -122,6 +139,8 @@ private:
     void fail_missed_deadlines();
     void notify(bool cancelled);
     void finish(std::map<std::uint64_t, waiter>::iterator it, boost::system::error_code ec);
+    void finish_waiters(boost::system::error_code ec);
+    bool first_in_line(std::map<std::uint64_t, waiter>::iterator it) const;
     void arm(time_point t);
 
     std::atomic<serving_state*> serving_{nullptr}; // owned; made once, freed by the destructor
