@@ -3,6 +3,7 @@
 #include "detail/cancellation.hpp"
 #include "detail/adaptive_mutex.hpp"
 #include "detail/fair_queue.hpp"
+#include "detail/threads.hpp"
 
 #include <valve/error.hpp>
 
@@ -47,6 +48,18 @@ std::chrono::steady_clock::time_point coarse_now() noexcept
 }
 
 } // namespace
+
+limiter_home::~limiter_home()
+{
+    // The last reference to what keeps the threads alive may go on one of those threads (a
+    // task's completion dropped the last handle on a limiter built on its own thread pool): a
+    // pool cannot join its own thread, so it is let go on another. The executors go first: they
+    // point into it.
+    if (!keep_alive || !(running_in_this_thread(executor) || running_in_this_thread(task_executor))) return;
+    executor = asio::any_io_executor{};
+    task_executor = asio::any_io_executor{};
+    release_elsewhere(std::move(keep_alive));
+}
 
 std::exception_ptr make_exception(boost::system::error_code ec)
 {

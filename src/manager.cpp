@@ -1,6 +1,7 @@
 #include <valve/manager.hpp>
 
 #include "detail/bucket_impl.hpp"
+#include "detail/threads.hpp"
 
 #include <valve/bucket_core.hpp>
 #include <valve/error.hpp>
@@ -8,6 +9,7 @@
 
 #include <boost/asio/execution/context.hpp>
 #include <boost/asio/execution/outstanding_work.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/prefer.hpp>
@@ -25,6 +27,7 @@
 #include <atomic>
 #include <map>
 #include <mutex>
+#include <thread>
 #include <type_traits>
 #include <unordered_map>
 
@@ -61,6 +64,60 @@ void apply(profile_config& c, worker_pool_option o) { set_once(c.pool, o, c, "wo
 void apply(profile_config& c, on_queue_full_option o) { set_once(c.policy, o.policy, c, "on_queue_full"); }
 void apply(profile_config& c, idle_timeout_option o) { set_once(c.idle, o.timeout, c, "idle_timeout"); }
 void apply(profile_config& c, run_on_option o) { set_once(c.executor, std::move(o.executor), c, "run_on"); }
+
+// The thread of a `manager{}`: an io_context that one thread of its own runs while it is
+// kept. `drain` runs what is left there to the end (the manager's destructor waits so for the
+// completions it caused) and starts a fresh thread on the same io_context, for what limiters
+// that users still hold post afterwards (their refusals). Its last owner may let go on the
+// thread itself (a handler): see make_manager_thread().
+class manager_thread {
+public:
+    manager_thread() { start(); }
+    ~manager_thread() { stop(); }
+
+    manager_thread(const manager_thread&) = delete;
+    manager_thread& operator=(const manager_thread&) = delete;
+
+    asio::io_context& context() noexcept { return context_; }
+
+    /// Waits until nothing is left to run, then runs on. Not from the thread itself.
+    void drain()
+    {
+        stop();
+        context_.restart();
+        start();
+    }
+
+private:
+    void start()
+    {
+        work_.emplace(context_.get_executor());
+        thread_ = std::thread([this] { context_.run(); });
+    }
+
+    // Lets the thread run out of work, and joins it.
+    void stop()
+    {
+        work_.reset();
+        if (thread_.joinable()) thread_.join();
+    }
+
+    asio::io_context context_{1};
+    std::optional<asio::executor_work_guard<asio::io_context::executor_type>> work_;
+    std::thread thread_;
+};
+
+// A manager_thread that, released last on its own thread, is ended on another (a thread cannot
+// join itself, nor an io_context be destroyed inside its run()).
+std::shared_ptr<manager_thread> make_manager_thread()
+{
+    return std::shared_ptr<manager_thread>(new manager_thread, [](manager_thread* t) {
+        if (t->context().get_executor().running_in_this_thread())
+            release_elsewhere(std::shared_ptr<void>(std::unique_ptr<manager_thread>(t)));
+        else
+            delete t;
+    });
+}
 
 struct profile {
     std::string name;
@@ -102,7 +159,7 @@ public:
     explicit manager_state(const asio::any_io_executor& ex) : executor(ex) {}
 
     asio::any_io_executor executor;
-    std::shared_ptr<asio::thread_pool> own_thread; // for manager()
+    std::shared_ptr<manager_thread> own_thread; // for manager()
     std::mutex join_mutex;                         // thread_pool::join is not thread-safe
 
     mutable std::mutex mutex;
@@ -158,7 +215,7 @@ public:
         // The limiter keeps alive the threads its executors point into, should it outlive the
         // manager (its user still holds it): the profile's pool and the manager's own thread.
         if (!p.home) {
-            auto keep = std::make_shared<std::pair<std::shared_ptr<asio::thread_pool>, std::shared_ptr<asio::thread_pool>>>(
+            auto keep = std::make_shared<std::pair<std::shared_ptr<asio::thread_pool>, std::shared_ptr<manager_thread>>>(
                 p.pool, own_thread);
             p.home = std::make_shared<const limiter_home>(std::move(keep), executor, p.task_executor);
         }
@@ -247,8 +304,8 @@ manager::manager(const executor_type& ex) : state_(std::make_shared<detail::mana
 
 manager::manager()
 {
-    auto own = std::make_shared<asio::thread_pool>(1);
-    state_ = std::make_shared<detail::manager_state>(own->get_executor());
+    auto own = detail::make_manager_thread();
+    state_ = std::make_shared<detail::manager_state>(own->context().get_executor());
     state_->own_thread = std::move(own);
 }
 
@@ -267,10 +324,12 @@ manager::~manager()
     for (auto& l : limiters) l->cancel();
     limiters.clear();
     state_->join_pools();
-    // A thread cannot join itself: a manager destroyed on its own thread leaves that thread to
-    // end with the last limiter that keeps it.
-    if (state_->own_thread && !state_->own_thread->get_executor().running_in_this_thread())
-        state_->own_thread->join();
+    // What that caused (the aborted tasks' completions) runs on the manager's own thread before
+    // this returns; the thread then runs on for the limiters that users still hold (their
+    // refusals), and ends with the last of them. A thread cannot wait for itself: a manager
+    // destroyed on its own thread leaves them to run after it.
+    if (state_->own_thread && !state_->own_thread->context().get_executor().running_in_this_thread())
+        state_->own_thread->drain();
 }
 
 manager::executor_type manager::get_executor() const noexcept { return state_->executor; }

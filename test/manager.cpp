@@ -6,6 +6,7 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/execution/outstanding_work.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/prefer.hpp>
@@ -398,3 +399,47 @@ TEST(manager, destruction_aborts_the_backlog_at_once_and_held_limiters_refuse_af
     EXPECT_EQ(refused, 1);
     EXPECT_LE(ran.load(), 1);
 }
+
+TEST(manager, a_limiter_kept_after_a_manager_with_its_own_thread_refuses_with_shutting_down)
+{
+    std::shared_ptr<valve::limiter> shared, dedicated;
+    {
+        valve::manager mgr;
+        mgr.register_profile("s", valve::shared_resource("k", rate::unlimited()), valve::worker_pool(1, 10));
+        mgr.register_profile("d", valve::dedicated_resource(rate::unlimited()), valve::worker_pool(1, 10));
+        shared = mgr.get_limiter("s", "u");
+        dedicated = mgr.get_limiter("d", "u");
+    }
+    for (auto* l : {&shared, &dedicated}) {
+        auto heard = std::make_shared<std::promise<error_code>>();
+        auto said = heard->get_future();
+        (*l)->async_submit([] {}, [heard](std::exception_ptr e) { heard->set_value(code_of(e)); });
+        ASSERT_EQ(said.wait_for(10s), std::future_status::ready) << "the refusal never came";
+        EXPECT_EQ(said.get(), valve::errc::shutting_down);
+    }
+}
+
+TEST(manager, a_manager_with_its_own_thread_may_be_destroyed_on_that_thread)
+{
+    for (int round = 0; round < 5; ++round) { // a thread left to end late gets time to, in the next rounds
+        auto mgr = std::make_unique<valve::manager>();
+        mgr->register_profile("p", valve::shared_resource("k", rate::unlimited()), valve::worker_pool(1, 10));
+        mgr->register_profile("d", valve::dedicated_resource(rate::unlimited()), valve::worker_pool(1, 10));
+        {
+            std::promise<void> ran;
+            mgr->get_limiter("p", "u")->async_submit([] {}, [&](std::exception_ptr) { ran.set_value(); });
+            ran.get_future().wait();
+            std::promise<void> ran_too;
+            mgr->get_limiter("d", "u")->async_submit([] {}, [&](std::exception_ptr) { ran_too.set_value(); });
+            ran_too.get_future().wait();
+        }
+        std::promise<void> destroyed;
+        asio::post(mgr->get_executor(), [&] {
+            mgr.reset();
+            destroyed.set_value();
+        });
+        auto done = destroyed.get_future();
+        ASSERT_EQ(done.wait_for(10s), std::future_status::ready);
+    }
+}
+

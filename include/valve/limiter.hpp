@@ -94,6 +94,10 @@ struct limiter_home {
         : keep_alive(std::move(keep)), executor(ex), task_executor(task_ex)
     {
     }
+    /// Lets `keep_alive` go on another thread when it goes on one of the threads it keeps.
+    ~limiter_home();
+    limiter_home(const limiter_home&) = delete;
+    limiter_home& operator=(const limiter_home&) = delete;
 
     std::shared_ptr<void> keep_alive; // first, so it is destroyed last
     boost::asio::any_io_executor executor;

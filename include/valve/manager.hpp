@@ -129,12 +129,17 @@ public:
     /// A manager whose limiters keep their books on `ex` (usually the application's io_context).
     explicit manager(const executor_type& ex);
 
-    /// A manager that runs its bookkeeping on a thread of its own.
+    /// A manager that runs its bookkeeping on a thread of its own (an `io_context` that thread
+    /// runs: `get_executor()`).
     manager();
 
     /// Refuses new tasks, aborts queued ones at once (see `limiter::cancel`) and waits for
     /// running blocking tasks to finish. Limiters that users still hold stay valid: they refuse
-    /// new tasks with `errc::shutting_down`.
+    /// new tasks with `errc::shutting_down`. With `manager{}`, the completions this causes (and
+    /// whatever else was posted to the manager's thread) have run when it returns, and the
+    /// thread runs on, for the refusals of the limiters still held, until the last of them is
+    /// released. It may be destroyed from a handler on its own thread (with nothing held, it
+    /// then cannot wait for what it caused there, which runs after).
     ~manager();
 
     manager(const manager&) = delete;
