@@ -47,7 +47,12 @@ std::chrono::steady_clock::time_point coarse_now() noexcept
 #endif
 }
 
+// The home of the limiter whose blocking task this thread is running (see running_task_home).
+thread_local const limiter_home* task_home = nullptr;
+
 } // namespace
+
+const limiter_home* running_task_home() noexcept { return task_home; }
 
 limiter_home::~limiter_home()
 {
@@ -220,6 +225,12 @@ public:
             ask_running_to_stop();
         });
     }
+
+    /// Async tasks (and tickets) started and not finished.
+    std::size_t async_running() const noexcept { return running_async_.load(std::memory_order_relaxed); }
+
+    /// An async task (or ticket) has finished: see limiter_finished.
+    void async_finished() noexcept { running_async_.fetch_sub(1, std::memory_order_relaxed); }
 
     limiter_stats stats() const noexcept
     {
@@ -454,6 +465,7 @@ private:
                      std::chrono::duration_cast<std::chrono::nanoseconds>(now - e.admitted).count());
         last_progress_.store(now.time_since_epoch().count(), std::memory_order_relaxed);
         running_.fetch_add(1);
+        if (!e.blocking) running_async_.fetch_add(1, std::memory_order_relaxed);
         left_.store(left_.load(std::memory_order_relaxed) + 1, std::memory_order_release); // under the lock
         if (e.stoppable) {
             seldom().stoppable.emplace(e.id, *e.job->stop_source());
@@ -742,6 +754,9 @@ private:
     // but not yet handed over: a shutdown completes only once both are zero (see
     // maybe_finish_shutdown()).
     std::atomic<std::uint32_t> batches_{0}, unsettled_{0};
+    // Async tasks and tickets running: a blocking manager::shutdown from an event loop would
+    // wait for them, and one may be its caller.
+    std::atomic<std::uint32_t> running_async_{0};
     std::atomic<bool> admitting_{false}; // a submitter is admitting the inbox
     bool cancel_waiting_ = false;        // under the lock: the next task's token wait is cancelled
     bool closing_ = false;               // under the lock: refusing new tasks, for good
@@ -758,14 +773,18 @@ void limiter_submit(const std::shared_ptr<limiter_core>& core, std::uint64_t use
 
 void limiter_finished(limiter_core& core, std::uint64_t id, bool threw)
 {
+    core.async_finished();
     core.finished(id, threw ? task_outcome::threw : task_outcome::ran);
 }
 
 void limiter_finished_before_handover(limiter_core& core, std::uint64_t id, task_outcome outcome)
 {
+    core.async_finished();
     core.unsettle();
     core.finished(id, outcome);
 }
+
+std::size_t async_tasks_running(const limiter& l) noexcept { return l.core_->async_running(); }
 
 void limiter_handed_over(limiter_core& core) { core.handed_over(); }
 
@@ -787,7 +806,9 @@ void run_blocking(std::unique_ptr<job_base> job, std::shared_ptr<limiter_core> c
         ~settle() { core.handed_over(); }
     } settled_at_exit{*core};
     for (int n = 0; job; ++n) {
+        task_home = core->home_.get(); // a manager::shutdown from the task can tell
         const bool threw = job->execute();
+        task_home = nullptr;
         const std::uint64_t id = job->id;
         std::unique_ptr<job_base> next;
         core->finished(id, threw ? task_outcome::threw : task_outcome::ran, &next);

@@ -287,6 +287,24 @@ public:
         for (auto& p : pools) p->join();
     }
 
+    // Whether the calling thread is inside a task of the manager's limiters, which a blocking
+    // shutdown would wait for forever: a blocking task of its profiles, or (not known exactly)
+    // any handler of an Asio event loop while an async task runs.
+    bool inside_a_task()
+    {
+        std::vector<std::shared_ptr<limiter>> limiters;
+        {
+            std::lock_guard lock{mutex};
+            if (const limiter_home* home = running_task_home())
+                for (const auto& [name, p] : profiles)
+                    if (p->home.get() == home) return true;
+            if (!inside_event_loop()) return false;
+            limiters = all_limiters();
+        }
+        return std::any_of(limiters.begin(), limiters.end(),
+                           [](const auto& l) { return async_tasks_running(*l) != 0; });
+    }
+
     std::vector<std::shared_ptr<limiter>> all_limiters()
     {
         std::vector<std::shared_ptr<limiter>> out;
@@ -542,6 +560,12 @@ void manager::shutdown(std::chrono::nanoseconds grace)
         detail::throw_error(errc::invalid_argument,
                             "manager::shutdown: called on a thread that runs the manager's io_context, which must "
                             "run for the shutdown to complete: it would wait forever; use async_shutdown there");
+    if (state_->inside_a_task())
+        detail::throw_error(errc::invalid_argument,
+                            "manager::shutdown: called from inside a task of the manager's limiters (or from an Asio "
+                            "event loop while one of its async tasks runs, which may be the caller): the shutdown "
+                            "waits for running tasks to finish, so it would wait for itself forever; call it from "
+                            "outside the tasks, or use async_shutdown without waiting for it there");
     auto done = async_shutdown(grace, asio::use_future);
     if (io) {
         // A stopped io_context (its run() has returned) is run by no thread: this one runs it

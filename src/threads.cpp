@@ -1,5 +1,6 @@
 #include "detail/threads.hpp"
 
+#include <boost/asio/detail/thread_context.hpp>
 #include <boost/asio/execution/outstanding_work.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/prefer.hpp>
@@ -88,6 +89,8 @@ bool running_in_this_thread(const asio::any_io_executor& ex) noexcept
     if (known) return here;
     return runs<asio::thread_pool::executor_type>(ex, known);
 }
+
+bool inside_event_loop() noexcept { return asio::detail::thread_context::top_of_thread_call_stack() != nullptr; }
 
 void release_elsewhere(std::shared_ptr<void> last)
 {

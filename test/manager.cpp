@@ -419,6 +419,87 @@ TEST(manager, a_limiter_kept_after_a_manager_with_its_own_thread_refuses_with_sh
     }
 }
 
+TEST(manager, shutdown_from_inside_a_blocking_task_is_an_error_not_a_hang)
+{
+    asio::io_context ioc;
+    auto work = asio::make_work_guard(ioc);
+    std::thread runner{[&] { ioc.run(); }};
+    {
+        valve::manager mgr{ioc.get_executor()};
+        mgr.register_profile("p", valve::shared_resource("k", rate::unlimited()), valve::worker_pool(2, 10));
+        auto l = mgr.get_limiter("p", "u");
+        std::promise<error_code> from_blocking;
+        l->async_submit([&] { return thrown_by([&] { mgr.shutdown(1s); }); },
+                        [&](std::exception_ptr e, error_code ec) {
+                            EXPECT_FALSE(e);
+                            from_blocking.set_value(ec);
+                        });
+        auto blocking = from_blocking.get_future();
+        ASSERT_EQ(blocking.wait_for(10s), std::future_status::ready) << "shutdown from a blocking task hangs";
+        EXPECT_EQ(blocking.get(), valve::errc::invalid_argument);
+        mgr.shutdown(1s); // from outside, it works
+    }
+    work.reset();
+    runner.join();
+}
+
+TEST(manager, shutdown_from_inside_an_async_task_is_an_error_not_a_hang)
+{
+    asio::io_context ioc;
+    auto work = asio::make_work_guard(ioc);
+    std::thread runner{[&] { ioc.run(); }};
+    asio::io_context other; // where the coroutine that submits the task runs
+    auto other_work = asio::make_work_guard(other);
+    std::thread other_runner{[&] { other.run(); }};
+    {
+        valve::manager mgr{ioc.get_executor()};
+        mgr.register_profile("p", valve::shared_resource("k", rate::unlimited()), valve::worker_pool(2, 10));
+        auto l = mgr.get_limiter("p", "u");
+        std::promise<error_code> from_async;
+        asio::co_spawn(
+            other,
+            [&]() -> asio::awaitable<error_code> {
+                co_return co_await l->submit([&]() -> asio::awaitable<error_code> {
+                    co_return thrown_by([&] { mgr.shutdown(1s); });
+                });
+            },
+            [&](std::exception_ptr e, error_code ec) {
+                EXPECT_FALSE(e);
+                from_async.set_value(ec);
+            });
+        auto async = from_async.get_future();
+        ASSERT_EQ(async.wait_for(10s), std::future_status::ready) << "shutdown from an async task hangs";
+        EXPECT_EQ(async.get(), valve::errc::invalid_argument);
+        mgr.shutdown(1s); // from outside, it works
+    }
+    work.reset();
+    other_work.reset();
+    runner.join();
+    other_runner.join();
+}
+
+TEST(manager, shutdown_from_inside_a_task_of_a_manager_with_its_own_thread_is_an_error)
+{
+    valve::manager mgr;
+    mgr.register_profile("p", valve::shared_resource("k", rate::unlimited()), valve::worker_pool(1, 10));
+    auto l = mgr.get_limiter("p", "u");
+    std::promise<error_code> from_async;
+    asio::co_spawn(
+        mgr.get_executor(),
+        [&]() -> asio::awaitable<error_code> {
+            co_return co_await l->submit(
+                [&]() -> asio::awaitable<error_code> { co_return thrown_by([&] { mgr.shutdown(1s); }); });
+        },
+        [&](std::exception_ptr e, error_code ec) {
+            EXPECT_FALSE(e);
+            from_async.set_value(ec);
+        });
+    auto async = from_async.get_future();
+    ASSERT_EQ(async.wait_for(10s), std::future_status::ready) << "shutdown from an async task hangs";
+    EXPECT_EQ(async.get(), valve::errc::invalid_argument);
+    mgr.shutdown(1s);
+}
+
 TEST(manager, a_manager_with_its_own_thread_may_be_destroyed_on_that_thread)
 {
     for (int round = 0; round < 5; ++round) { // a thread left to end late gets time to, in the next rounds

@@ -82,6 +82,8 @@ struct limiter_stats {
     std::chrono::steady_clock::time_point last_progress{};
 };
 
+class limiter;
+
 namespace detail {
 
 class limiter_core;
@@ -557,6 +559,9 @@ private:
     [[no_unique_address]] std::conditional_t<Stoppable, std::stop_source, std::monostate> stop_;
 };
 
+/// Async tasks (and tasks run by their submitting coroutines) of `l`'s queue running now.
+std::size_t async_tasks_running(const limiter& l) noexcept;
+
 } // namespace detail
 
 /// A place in a limiter taken without waiting (`limiter::try_enter`): one of its concurrency
@@ -895,6 +900,8 @@ private:
     };
 
     limiter(std::shared_ptr<detail::limiter_core> core, std::uint64_t user);
+
+    friend std::size_t detail::async_tasks_running(const limiter& l) noexcept;
 
     std::shared_ptr<detail::limiter_core> core_;
     std::uint64_t user_ = 0;

@@ -208,8 +208,12 @@ public:
     /// its `run()` (it has returned), and then this call runs it (restarted, and stopped again
     /// before returning) until the shutdown completes, handlers of the program's own included.
     /// Throws `valve::error` (`errc::invalid_argument`) when
-    /// called from a thread inside that `io_context`'s `run()`, where it could only hang: use
-    /// `async_shutdown` there. (An `io_context` never run, and not running, is not detected.)
+    /// called from a thread inside that `io_context`'s `run()` (with `manager{}`, from its own
+    /// thread), where it could only hang: use `async_shutdown` there. (An `io_context` never
+    /// run, and not running, is not detected.) The same from inside one of the manager's tasks,
+    /// which the shutdown would wait for while it waits for the shutdown: a blocking task on a
+    /// profile's threads, or, while any async task of the manager runs, any handler of an Asio
+    /// event loop (an `io_context`'s or a `thread_pool`'s: the caller may be that task).
     void shutdown(std::chrono::nanoseconds grace = std::chrono::seconds(30));
 
 private:

@@ -10,10 +10,20 @@
 
 namespace valve::detail {
 
+struct limiter_home;
+
+/// The home of the limiter whose blocking task the calling thread is running, if any (set by
+/// the limiter while the task runs).
+const limiter_home* running_task_home() noexcept;
+
 /// Whether the calling thread is running `ex`'s handlers now: `ex` is (or is a strand of) an
 /// `io_context`'s or a `thread_pool`'s executor, tracking work or not, and this thread is inside
 /// its `run()`. False for other executors (not known).
 bool running_in_this_thread(const boost::asio::any_io_executor& ex) noexcept;
+
+/// Whether the calling thread is inside some Asio event loop (an `io_context`'s or a
+/// `thread_pool`'s), running one of its handlers.
+bool inside_event_loop() noexcept;
 
 /// Releases `last` on a thread of valve's own, soon: for the last reference to something that
 /// must not be destroyed on the calling thread (a thread pool, from one of its own threads,
