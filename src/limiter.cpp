@@ -226,6 +226,32 @@ public:
         });
     }
 
+    /// Aborts `user`'s queued tasks (and those waiting for room), all before returning; the
+    /// limiter goes on, for that user too.
+    void cancel_user(std::uint64_t user)
+    {
+        locked([&] {
+            queue_.drain_user(user, [&](std::uint64_t, entry e) { drop(std::move(e.job), asio::error::operation_aborted); });
+            if (waiting_.job && waiting_.job->user == user) {
+                // Waiting for its token: its completion (operation_aborted) drops it.
+                cancel_waiting_ = true;
+                acquire_cancel_.emit(asio::cancellation_type::terminal);
+            }
+            if (seldom_ && !seldom_->room_empty()) {
+                std::vector<job_ptr> others; // parked again in the order they came
+                seldom_->drain_room([&](job_ptr job) {
+                    if (job->user == user)
+                        drop(std::move(job), asio::error::operation_aborted);
+                    else
+                        others.push_back(std::move(job));
+                });
+                for (auto& job : others) seldom_->park(std::move(job));
+            }
+            refill();
+            pump();
+        });
+    }
+
     /// Async tasks (and tickets) started and not finished.
     std::size_t async_running() const noexcept { return running_async_.load(std::memory_order_relaxed); }
 
@@ -869,7 +895,15 @@ std::size_t limiter::queued() const noexcept { return core_->queued(); }
 
 limiter_stats limiter::stats() const noexcept { return core_->stats(); }
 
-void limiter::cancel() { core_->close(); }
+void limiter::cancel()
+{
+    // A user's handle on a shared limiter cancels that user's tasks; closing it is the
+    // owner's business.
+    if (owner_)
+        core_->close();
+    else
+        core_->cancel_user(user_);
+}
 
 std::size_t limiter::running() const noexcept { return core_->running(); }
 

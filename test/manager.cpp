@@ -524,3 +524,36 @@ TEST(manager, a_manager_with_its_own_thread_may_be_destroyed_on_that_thread)
     }
 }
 
+TEST(manager, cancel_through_a_users_handle_aborts_that_users_queued_tasks_only)
+{
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    // One token now, then none for an hour: what comes after the first task stays queued.
+    mgr.register_profile("p", valve::shared_resource("k", rate::per(1, 1h), 1), valve::worker_pool(1, 10));
+    auto alice = mgr.get_limiter("p", "alice");
+    auto bob = mgr.get_limiter("p", "bob");
+    std::vector<error_code> heard_alice, heard_bob;
+    int ran = 0;
+    for (int i = 0; i < 3; ++i) {
+        alice->async_submit([&] { ++ran; }, [&](std::exception_ptr e) { heard_alice.push_back(code_of(e)); });
+        bob->async_submit([&] { ++ran; }, [&](std::exception_ptr e) { heard_bob.push_back(code_of(e)); });
+    }
+    ioc.run_for(50ms); // alice's first task takes the one token
+    alice->cancel();
+    ioc.run_for(50ms);
+    EXPECT_EQ(ran, 1);
+    EXPECT_EQ(heard_alice, (std::vector<error_code>{{}, asio::error::operation_aborted, asio::error::operation_aborted}));
+    EXPECT_TRUE(heard_bob.empty()) << "bob's tasks stay queued";
+    // Alice may submit again, through her handle or a new one, and so may bob.
+    alice->async_submit([&] { ++ran; }, [&](std::exception_ptr e) { heard_alice.push_back(code_of(e)); });
+    mgr.get_limiter("p", "alice")->async_submit([&] { ++ran; },
+                                                [&](std::exception_ptr e) { heard_alice.push_back(code_of(e)); });
+    ioc.run_for(50ms);
+    EXPECT_EQ(heard_alice.size(), 3u) << "alice's new tasks are queued, not refused";
+    EXPECT_EQ(mgr.stats("p").queued, 5u);
+    mgr.async_shutdown(0ms, [](error_code) {});
+    ioc.run();
+    EXPECT_EQ(heard_alice.size(), 5u);
+    EXPECT_EQ(heard_bob.size(), 3u);
+    EXPECT_EQ(ran, 1);
+}

@@ -712,14 +712,20 @@ public:
     /// Refuses new tasks from now on (`errc::shutting_down`), aborts every queued task
     /// (`operation_aborted`) and asks running tasks that take a `std::stop_token` to stop, all
     /// before returning. Running tasks finish; a shutdown in progress completes when they have.
+    ///
+    /// Through a handle from `for_user` (what a manager's `get_limiter` gives for a shared
+    /// profile): aborts that user's queued tasks (and those waiting for room) only, before
+    /// returning; its running tasks finish, the limiter goes on, and that user's later tasks
+    /// are taken as before. Closing a shared limiter is its owner's business (the manager's).
     void cancel();
 
     /// The same limiter (one queue, one resource, one concurrency cap) seen by another user:
     /// queued tasks of different users are served in turns, the user served least recently
     /// first (a user who arrives goes ahead of the user just served), so one user flooding the
     /// queue cannot starve the others; each user's own tasks stay first come, first served. Tasks
-    /// submitted through `*this` count as user 0's. Only the original limiter's destruction
-    /// closes the queue.
+    /// submitted through `*this` count as user 0's. Only the original limiter closes the queue
+    /// (its destruction, its `cancel()`); `cancel()` through the handle aborts that user's
+    /// queued tasks only.
     std::shared_ptr<limiter> for_user(std::uint64_t user) const;
 
     /// Admission without waiting and without a task: a permit if a slot and a token are free
