@@ -350,11 +350,11 @@ private:
             // Runs on the emitting thread; the lock serialises it with everything else.
             if (auto c = core.lock()) c->locked([&] { c->cancel(user, id); });
             // A running async task hears it too, outside the lock (its handlers are user code),
-            // on this thread: the submitter's, where the task runs.
+            // on the strand it runs on (see task_cancellation).
             // Not running yet (started, on its way to the submitter's executor): it will not run.
             if (forward) {
                 forward->requested.fetch_or(static_cast<unsigned>(type));
-                if (forward->running.load()) forward->signal.emit(type);
+                if (forward->running.load()) forward->forward(type);
             }
         }
     };

@@ -20,6 +20,7 @@
 #include <boost/asio/prefer.hpp>
 #include <boost/asio/recycling_allocator.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/strand.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/system/error_code.hpp>
 #include <boost/system/system_error.hpp>
@@ -108,12 +109,28 @@ struct limiter_home {
 
 /// Carries a submitter's cancellation into its running async task: the task's coroutine
 /// watches `signal`, which the submitter's cancellation handler emits while `running`.
-struct task_cancellation {
+///
+/// The task's coroutine runs on a strand of the submitter's executor, and `signal` is emitted
+/// only there: the coroutine changes its cancellation slots as it runs, and the submitter's
+/// cancellation may come from any thread (a signal emitted elsewhere than where the handler's
+/// executor runs, a multi-threaded `io_context`). Emitting it on the canceller's thread raced
+/// with the coroutine, which could free what the emission was still using.
+struct task_cancellation : std::enable_shared_from_this<task_cancellation> {
     boost::asio::cancellation_signal signal;
+    /// Where the task runs; written before `running` is set, read after it is seen set.
+    boost::asio::any_io_executor strand;
     std::atomic<bool> running{false};
     /// Cancellation types emitted by the submitter so far: one that arrives after the limiter
     /// started the task but before the task began on its executor stops it from beginning.
     std::atomic<unsigned> requested{0};
+
+    /// Carries `type` to the running task: emitted on its strand, if it still runs then.
+    void forward(boost::asio::cancellation_type type)
+    {
+        boost::asio::post(strand, [self = shared_from_this(), type] {
+            if (self->running.load()) self->signal.emit(type);
+        });
+    }
 };
 
 /// How a task that took a slot ended.
@@ -404,10 +421,17 @@ public:
                 limiter_handed_over(*core);
             };
             if (auto forward = me->forward_) {
-                // The submitter's cancellation reaches the running task's coroutine.
-                forward->running.store(true);
-                asio::co_spawn(me->executor(), std::move(*work),
+                // The submitter's cancellation reaches the running task's coroutine, on the
+                // strand the coroutine runs on (see task_cancellation). co_spawn posts to the new
+                // strand: the task begins after this returns, its slot handler installed here.
+                forward->strand = asio::make_strand(me->executor());
+                asio::co_spawn(forward->strand, std::move(*work),
                                asio::bind_cancellation_slot(forward->signal.slot(), std::move(done)));
+                // Set, then `requested` read; a canceller adds to `requested`, then reads this:
+                // one of the two sees the other, so no cancellation is lost in between.
+                forward->running.store(true);
+                if (const unsigned requested = forward->requested.load())
+                    forward->forward(static_cast<asio::cancellation_type>(requested));
             } else {
                 asio::co_spawn(me->executor(), std::move(*work), std::move(done));
             }
