@@ -1108,11 +1108,18 @@ TEST(limiter, a_limiter_that_keeps_its_pool_may_be_released_last_on_that_pool)
         pool.reset();
         std::promise<int> heard;
         limiter* raw = l.get();
+        gate submitted; // the task ends after the submission has returned (and stopped using the pool)
         // The completion runs on the pool and drops the last reference to the limiter there.
-        raw->async_submit([] { return 7; }, [&heard, l = std::move(l)](std::exception_ptr, int v) mutable {
-            l.reset();
-            heard.set_value(v);
-        });
+        raw->async_submit(
+            [&submitted] {
+                submitted.wait();
+                return 7;
+            },
+            [&heard, l = std::move(l)](std::exception_ptr, int v) mutable {
+                l.reset();
+                heard.set_value(v);
+            });
+        submitted.open();
         auto said = heard.get_future();
         ASSERT_EQ(said.wait_for(10s), std::future_status::ready);
         EXPECT_EQ(said.get(), 7);

@@ -515,10 +515,13 @@ TEST(manager, a_manager_with_its_own_thread_may_be_destroyed_on_that_thread)
             ran_too.get_future().wait();
         }
         std::promise<void> destroyed;
-        asio::post(mgr->get_executor(), [&] {
+        std::promise<void> posted; // destroyed after the post has returned (and stopped using the thread)
+        asio::post(mgr->get_executor(), [&, after = posted.get_future()] {
+            after.wait();
             mgr.reset();
             destroyed.set_value();
         });
+        posted.set_value();
         auto done = destroyed.get_future();
         ASSERT_EQ(done.wait_for(10s), std::future_status::ready);
     }
