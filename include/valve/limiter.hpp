@@ -631,7 +631,10 @@ public:
     using executor_type = boost::asio::any_io_executor;
 
     /// A limiter whose bookkeeping runs on `ex` and whose blocking tasks run on `task_ex`;
-    /// `keep_alive` (say, the thread pool behind `task_ex`) lives as long as the limiter.
+    /// `keep_alive` (say, the thread pool behind `task_ex`) lives as long as the limiter; if
+    /// the limiter's last reference goes on one of the threads of `ex` or `task_ex` (a task's
+    /// completion drops it), `keep_alive` is released on a thread of valve's own instead, since
+    /// a thread pool cannot end from inside.
     /// Throws `valve::error` (`errc::invalid_argument`) for a null resource, zero concurrency,
     /// or a zero queue capacity with `queue_full_policy::wait`.
     limiter(const executor_type& ex, std::shared_ptr<resource> limits, limiter_options options,
