@@ -3,6 +3,7 @@
 #include "detail/cancellation.hpp"
 #include "detail/adaptive_mutex.hpp"
 #include "detail/fair_queue.hpp"
+#include "detail/threads.hpp"
 
 #include <valve/error.hpp>
 
@@ -46,7 +47,24 @@ std::chrono::steady_clock::time_point coarse_now() noexcept
 #endif
 }
 
+// The home of the limiter whose blocking task this thread is running (see running_task_home).
+thread_local const limiter_home* task_home = nullptr;
+
 } // namespace
+
+const limiter_home* running_task_home() noexcept { return task_home; }
+
+limiter_home::~limiter_home()
+{
+    // The last reference to what keeps the threads alive may go on one of those threads (a
+    // task's completion dropped the last handle on a limiter built on its own thread pool): a
+    // pool cannot join its own thread, so it is let go on another. The executors go first: they
+    // point into it.
+    if (!keep_alive || !(running_in_this_thread(executor) || running_in_this_thread(task_executor))) return;
+    executor = asio::any_io_executor{};
+    task_executor = asio::any_io_executor{};
+    release_elsewhere(std::move(keep_alive));
+}
 
 std::exception_ptr make_exception(boost::system::error_code ec)
 {
@@ -208,6 +226,38 @@ public:
         });
     }
 
+    /// Aborts `user`'s queued tasks (and those waiting for room), all before returning; the
+    /// limiter goes on, for that user too.
+    void cancel_user(std::uint64_t user)
+    {
+        locked([&] {
+            queue_.drain_user(user, [&](std::uint64_t, entry e) { drop(std::move(e.job), asio::error::operation_aborted); });
+            if (waiting_.job && waiting_.job->user == user) {
+                // Waiting for its token: its completion (operation_aborted) drops it.
+                cancel_waiting_ = true;
+                acquire_cancel_.emit(asio::cancellation_type::terminal);
+            }
+            if (seldom_ && !seldom_->room_empty()) {
+                std::vector<job_ptr> others; // parked again in the order they came
+                seldom_->drain_room([&](job_ptr job) {
+                    if (job->user == user)
+                        drop(std::move(job), asio::error::operation_aborted);
+                    else
+                        others.push_back(std::move(job));
+                });
+                for (auto& job : others) seldom_->park(std::move(job));
+            }
+            refill();
+            pump();
+        });
+    }
+
+    /// Async tasks (and tickets) started and not finished.
+    std::size_t async_running() const noexcept { return running_async_.load(std::memory_order_relaxed); }
+
+    /// An async task (or ticket) has finished: see limiter_finished.
+    void async_finished() noexcept { running_async_.fetch_sub(1, std::memory_order_relaxed); }
+
     limiter_stats stats() const noexcept
     {
         limiter_stats st;
@@ -300,11 +350,11 @@ private:
             // Runs on the emitting thread; the lock serialises it with everything else.
             if (auto c = core.lock()) c->locked([&] { c->cancel(user, id); });
             // A running async task hears it too, outside the lock (its handlers are user code),
-            // on this thread: the submitter's, where the task runs.
+            // on the strand it runs on (see task_cancellation).
             // Not running yet (started, on its way to the submitter's executor): it will not run.
             if (forward) {
                 forward->requested.fetch_or(static_cast<unsigned>(type));
-                if (forward->running.load()) forward->signal.emit(type);
+                if (forward->running.load()) forward->forward(type);
             }
         }
     };
@@ -441,6 +491,7 @@ private:
                      std::chrono::duration_cast<std::chrono::nanoseconds>(now - e.admitted).count());
         last_progress_.store(now.time_since_epoch().count(), std::memory_order_relaxed);
         running_.fetch_add(1);
+        if (!e.blocking) running_async_.fetch_add(1, std::memory_order_relaxed);
         left_.store(left_.load(std::memory_order_relaxed) + 1, std::memory_order_release); // under the lock
         if (e.stoppable) {
             seldom().stoppable.emplace(e.id, *e.job->stop_source());
@@ -729,6 +780,9 @@ private:
     // but not yet handed over: a shutdown completes only once both are zero (see
     // maybe_finish_shutdown()).
     std::atomic<std::uint32_t> batches_{0}, unsettled_{0};
+    // Async tasks and tickets running: a blocking manager::shutdown from an event loop would
+    // wait for them, and one may be its caller.
+    std::atomic<std::uint32_t> running_async_{0};
     std::atomic<bool> admitting_{false}; // a submitter is admitting the inbox
     bool cancel_waiting_ = false;        // under the lock: the next task's token wait is cancelled
     bool closing_ = false;               // under the lock: refusing new tasks, for good
@@ -745,14 +799,18 @@ void limiter_submit(const std::shared_ptr<limiter_core>& core, std::uint64_t use
 
 void limiter_finished(limiter_core& core, std::uint64_t id, bool threw)
 {
+    core.async_finished();
     core.finished(id, threw ? task_outcome::threw : task_outcome::ran);
 }
 
 void limiter_finished_before_handover(limiter_core& core, std::uint64_t id, task_outcome outcome)
 {
+    core.async_finished();
     core.unsettle();
     core.finished(id, outcome);
 }
+
+std::size_t async_tasks_running(const limiter& l) noexcept { return l.core_->async_running(); }
 
 void limiter_handed_over(limiter_core& core) { core.handed_over(); }
 
@@ -774,7 +832,9 @@ void run_blocking(std::unique_ptr<job_base> job, std::shared_ptr<limiter_core> c
         ~settle() { core.handed_over(); }
     } settled_at_exit{*core};
     for (int n = 0; job; ++n) {
+        task_home = core->home_.get(); // a manager::shutdown from the task can tell
         const bool threw = job->execute();
+        task_home = nullptr;
         const std::uint64_t id = job->id;
         std::unique_ptr<job_base> next;
         core->finished(id, threw ? task_outcome::threw : task_outcome::ran, &next);
@@ -837,7 +897,15 @@ std::size_t limiter::queued() const noexcept { return core_->queued(); }
 
 limiter_stats limiter::stats() const noexcept { return core_->stats(); }
 
-void limiter::cancel() { core_->close(); }
+void limiter::cancel()
+{
+    // A user's handle on a shared limiter cancels that user's tasks; closing it is the
+    // owner's business.
+    if (owner_)
+        core_->close();
+    else
+        core_->cancel_user(user_);
+}
 
 std::size_t limiter::running() const noexcept { return core_->running(); }
 

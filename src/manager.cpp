@@ -2,6 +2,7 @@
 
 #include "detail/bucket_impl.hpp"
 #include "detail/elastic_pool.hpp"
+#include "detail/threads.hpp"
 
 #include <valve/bucket_core.hpp>
 #include <valve/error.hpp>
@@ -9,6 +10,7 @@
 
 #include <boost/asio/execution/context.hpp>
 #include <boost/asio/execution/outstanding_work.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/prefer.hpp>
@@ -26,6 +28,7 @@
 #include <atomic>
 #include <map>
 #include <mutex>
+#include <thread>
 #include <type_traits>
 #include <unordered_map>
 
@@ -66,6 +69,60 @@ void apply(profile_config& c, worker_pool_option o) { set_once(c.pool, o, c, "wo
 void apply(profile_config& c, on_queue_full_option o) { set_once(c.policy, o.policy, c, "on_queue_full"); }
 void apply(profile_config& c, idle_timeout_option o) { set_once(c.idle, o.timeout, c, "idle_timeout"); }
 void apply(profile_config& c, run_on_option o) { set_once(c.executor, std::move(o.executor), c, "run_on"); }
+
+// The thread of a `manager{}`: an io_context that one thread of its own runs while it is
+// kept. `drain` runs what is left there to the end (the manager's destructor waits so for the
+// completions it caused) and starts a fresh thread on the same io_context, for what limiters
+// that users still hold post afterwards (their refusals). Its last owner may let go on the
+// thread itself (a handler): see make_manager_thread().
+class manager_thread {
+public:
+    manager_thread() { start(); }
+    ~manager_thread() { stop(); }
+
+    manager_thread(const manager_thread&) = delete;
+    manager_thread& operator=(const manager_thread&) = delete;
+
+    asio::io_context& context() noexcept { return context_; }
+
+    /// Waits until nothing is left to run, then runs on. Not from the thread itself.
+    void drain()
+    {
+        stop();
+        context_.restart();
+        start();
+    }
+
+private:
+    void start()
+    {
+        work_.emplace(context_.get_executor());
+        thread_ = std::thread([this] { context_.run(); });
+    }
+
+    // Lets the thread run out of work, and joins it.
+    void stop()
+    {
+        work_.reset();
+        if (thread_.joinable()) thread_.join();
+    }
+
+    asio::io_context context_{1};
+    std::optional<asio::executor_work_guard<asio::io_context::executor_type>> work_;
+    std::thread thread_;
+};
+
+// A manager_thread that, released last on its own thread, is ended on another (a thread cannot
+// join itself, nor an io_context be destroyed inside its run()).
+std::shared_ptr<manager_thread> make_manager_thread()
+{
+    return std::shared_ptr<manager_thread>(new manager_thread, [](manager_thread* t) {
+        if (t->context().get_executor().running_in_this_thread())
+            release_elsewhere(std::shared_ptr<void>(std::unique_ptr<manager_thread>(t)));
+        else
+            delete t;
+    });
+}
 
 struct profile {
     std::string name;
@@ -108,8 +165,8 @@ public:
     explicit manager_state(const asio::any_io_executor& ex) : executor(ex) {}
 
     asio::any_io_executor executor;
-    std::shared_ptr<asio::thread_pool> own_thread; // for manager()
-    std::mutex join_mutex;                         // one join at a time
+    std::shared_ptr<manager_thread> own_thread; // for manager()
+    std::mutex join_mutex;                      // one join at a time
 
     mutable std::mutex mutex;
     std::map<std::string, std::unique_ptr<profile>, std::less<>> profiles;
@@ -165,7 +222,7 @@ public:
         // The limiter keeps alive the threads its executors point into, should it outlive the
         // manager (its user still holds it): the profile's pool and the manager's own thread.
         if (!p.home) {
-            auto keep = std::make_shared<std::pair<std::shared_ptr<elastic_pool>, std::shared_ptr<asio::thread_pool>>>(
+            auto keep = std::make_shared<std::pair<std::shared_ptr<elastic_pool>, std::shared_ptr<manager_thread>>>(
                 p.pool, own_thread);
             p.home = std::make_shared<const limiter_home>(std::move(keep), executor, p.task_executor);
         }
@@ -253,6 +310,24 @@ public:
         for (auto& p : pools) p->join();
     }
 
+    // Whether the calling thread is inside a task of the manager's limiters, which a blocking
+    // shutdown would wait for forever: a blocking task of its profiles, or (not known exactly)
+    // any handler of an Asio event loop while an async task runs.
+    bool inside_a_task()
+    {
+        std::vector<std::shared_ptr<limiter>> limiters;
+        {
+            std::lock_guard lock{mutex};
+            if (const limiter_home* home = running_task_home())
+                for (const auto& [name, p] : profiles)
+                    if (p->home.get() == home) return true;
+            if (!inside_event_loop()) return false;
+            limiters = all_limiters();
+        }
+        return std::any_of(limiters.begin(), limiters.end(),
+                           [](const auto& l) { return async_tasks_running(*l) != 0; });
+    }
+
     std::vector<std::shared_ptr<limiter>> all_limiters()
     {
         std::vector<std::shared_ptr<limiter>> out;
@@ -270,8 +345,8 @@ manager::manager(const executor_type& ex) : state_(std::make_shared<detail::mana
 
 manager::manager()
 {
-    auto own = std::make_shared<asio::thread_pool>(1);
-    state_ = std::make_shared<detail::manager_state>(own->get_executor());
+    auto own = detail::make_manager_thread();
+    state_ = std::make_shared<detail::manager_state>(own->context().get_executor());
     state_->own_thread = std::move(own);
 }
 
@@ -290,10 +365,12 @@ manager::~manager()
     for (auto& l : limiters) l->cancel();
     limiters.clear();
     state_->join_pools();
-    // A thread cannot join itself: a manager destroyed on its own thread leaves that thread to
-    // end with the last limiter that keeps it.
-    if (state_->own_thread && !state_->own_thread->get_executor().running_in_this_thread())
-        state_->own_thread->join();
+    // What that caused (the aborted tasks' completions) runs on the manager's own thread before
+    // this returns; the thread then runs on for the limiters that users still hold (their
+    // refusals), and ends with the last of them. A thread cannot wait for itself: a manager
+    // destroyed on its own thread leaves them to run after it.
+    if (state_->own_thread && !state_->own_thread->context().get_executor().running_in_this_thread())
+        state_->own_thread->drain();
 }
 
 manager::executor_type manager::get_executor() const noexcept { return state_->executor; }
@@ -556,6 +633,12 @@ void manager::shutdown(std::chrono::nanoseconds grace)
         detail::throw_error(errc::invalid_argument,
                             "manager::shutdown: called on a thread that runs the manager's io_context, which must "
                             "run for the shutdown to complete: it would wait forever; use async_shutdown there");
+    if (state_->inside_a_task())
+        detail::throw_error(errc::invalid_argument,
+                            "manager::shutdown: called from inside a task of the manager's limiters (or from an Asio "
+                            "event loop while one of its async tasks runs, which may be the caller): the shutdown "
+                            "waits for running tasks to finish, so it would wait for itself forever; call it from "
+                            "outside the tasks, or use async_shutdown without waiting for it there");
     auto done = async_shutdown(grace, asio::use_future);
     if (io) {
         // A stopped io_context (its run() has returned) is run by no thread: this one runs it

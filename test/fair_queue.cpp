@@ -136,6 +136,24 @@ TEST(fair_queue, drain_empties_everything)
     EXPECT_FALSE(q.next());
 }
 
+TEST(fair_queue, draining_one_user_leaves_the_others_and_their_turns)
+{
+    fair_queue<int> q;
+    q.push(1, 1, 10);
+    q.push(2, 2, 20);
+    q.push(3, 1, 30);
+    q.push(4, 3, 40);
+    q.push(5, 2, 50);
+    std::vector<int> seen;
+    q.drain_user(1, [&](std::uint64_t, int v) { seen.push_back(v); });
+    EXPECT_EQ(seen, (std::vector<int>{10, 30}));
+    EXPECT_EQ(q.size(), 3u);
+    std::vector<int> served;
+    while (q.next()) served.push_back(q.take_next());
+    EXPECT_EQ(served, (std::vector<int>{20, 40, 50}));
+    q.drain_user(9, [&](std::uint64_t, int) { ADD_FAILURE(); }); // nobody: nothing
+}
+
 TEST(fair_queue, cancelling_the_newest_item_keeps_appending_in_order)
 {
     fair_queue<std::string> q;

@@ -1097,3 +1097,31 @@ TEST(limiter, a_submitter_that_hears_of_its_task_finds_it_counted_and_its_slot_f
     EXPECT_EQ(slot_taken, 0);
     pool.join();
 }
+
+TEST(limiter, a_limiter_that_keeps_its_pool_may_be_released_last_on_that_pool)
+{
+    for (int round = 0; round < 20; ++round) {
+        auto pool = std::make_shared<asio::thread_pool>(2);
+        auto res = std::make_shared<valve::bucket_resource>(pool->get_executor(), rate::unlimited());
+        auto l = std::make_shared<limiter>(pool->get_executor(), res, limiter_options{1, 10}, pool->get_executor(), pool);
+        res.reset();
+        pool.reset();
+        std::promise<int> heard;
+        limiter* raw = l.get();
+        gate submitted; // the task ends after the submission has returned (and stopped using the pool)
+        // The completion runs on the pool and drops the last reference to the limiter there.
+        raw->async_submit(
+            [&submitted] {
+                submitted.wait();
+                return 7;
+            },
+            [&heard, l = std::move(l)](std::exception_ptr, int v) mutable {
+                l.reset();
+                heard.set_value(v);
+            });
+        submitted.open();
+        auto said = heard.get_future();
+        ASSERT_EQ(said.wait_for(10s), std::future_status::ready);
+        EXPECT_EQ(said.get(), 7);
+    }
+}

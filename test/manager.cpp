@@ -6,6 +6,7 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/execution/outstanding_work.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/prefer.hpp>
@@ -623,4 +624,165 @@ TEST(manager, destruction_aborts_the_backlog_at_once_and_held_limiters_refuse_af
     EXPECT_EQ(aborted, 4);
     EXPECT_EQ(refused, 1);
     EXPECT_LE(ran.load(), 1);
+}
+
+TEST(manager, a_limiter_kept_after_a_manager_with_its_own_thread_refuses_with_shutting_down)
+{
+    std::shared_ptr<valve::limiter> shared, dedicated;
+    {
+        valve::manager mgr;
+        mgr.register_profile("s", valve::shared_resource("k", rate::unlimited()), valve::worker_pool(1, 10));
+        mgr.register_profile("d", valve::dedicated_resource(rate::unlimited()), valve::worker_pool(1, 10));
+        shared = mgr.get_limiter("s", "u");
+        dedicated = mgr.get_limiter("d", "u");
+    }
+    for (auto* l : {&shared, &dedicated}) {
+        auto heard = std::make_shared<std::promise<error_code>>();
+        auto said = heard->get_future();
+        (*l)->async_submit([] {}, [heard](std::exception_ptr e) { heard->set_value(code_of(e)); });
+        ASSERT_EQ(said.wait_for(10s), std::future_status::ready) << "the refusal never came";
+        EXPECT_EQ(said.get(), valve::errc::shutting_down);
+    }
+}
+
+TEST(manager, shutdown_from_inside_a_blocking_task_is_an_error_not_a_hang)
+{
+    asio::io_context ioc;
+    auto work = asio::make_work_guard(ioc);
+    std::thread runner{[&] { ioc.run(); }};
+    {
+        valve::manager mgr{ioc.get_executor()};
+        mgr.register_profile("p", valve::shared_resource("k", rate::unlimited()), valve::worker_pool(2, 10));
+        auto l = mgr.get_limiter("p", "u");
+        std::promise<error_code> from_blocking;
+        l->async_submit([&] { return thrown_by([&] { mgr.shutdown(1s); }); },
+                        [&](std::exception_ptr e, error_code ec) {
+                            EXPECT_FALSE(e);
+                            from_blocking.set_value(ec);
+                        });
+        auto blocking = from_blocking.get_future();
+        ASSERT_EQ(blocking.wait_for(10s), std::future_status::ready) << "shutdown from a blocking task hangs";
+        EXPECT_EQ(blocking.get(), valve::errc::invalid_argument);
+        mgr.shutdown(1s); // from outside, it works
+    }
+    work.reset();
+    runner.join();
+}
+
+TEST(manager, shutdown_from_inside_an_async_task_is_an_error_not_a_hang)
+{
+    asio::io_context ioc;
+    auto work = asio::make_work_guard(ioc);
+    std::thread runner{[&] { ioc.run(); }};
+    asio::io_context other; // where the coroutine that submits the task runs
+    auto other_work = asio::make_work_guard(other);
+    std::thread other_runner{[&] { other.run(); }};
+    {
+        valve::manager mgr{ioc.get_executor()};
+        mgr.register_profile("p", valve::shared_resource("k", rate::unlimited()), valve::worker_pool(2, 10));
+        auto l = mgr.get_limiter("p", "u");
+        std::promise<error_code> from_async;
+        asio::co_spawn(
+            other,
+            [&]() -> asio::awaitable<error_code> {
+                co_return co_await l->submit([&]() -> asio::awaitable<error_code> {
+                    co_return thrown_by([&] { mgr.shutdown(1s); });
+                });
+            },
+            [&](std::exception_ptr e, error_code ec) {
+                EXPECT_FALSE(e);
+                from_async.set_value(ec);
+            });
+        auto async = from_async.get_future();
+        ASSERT_EQ(async.wait_for(10s), std::future_status::ready) << "shutdown from an async task hangs";
+        EXPECT_EQ(async.get(), valve::errc::invalid_argument);
+        mgr.shutdown(1s); // from outside, it works
+    }
+    work.reset();
+    other_work.reset();
+    runner.join();
+    other_runner.join();
+}
+
+TEST(manager, shutdown_from_inside_a_task_of_a_manager_with_its_own_thread_is_an_error)
+{
+    valve::manager mgr;
+    mgr.register_profile("p", valve::shared_resource("k", rate::unlimited()), valve::worker_pool(1, 10));
+    auto l = mgr.get_limiter("p", "u");
+    std::promise<error_code> from_async;
+    asio::co_spawn(
+        mgr.get_executor(),
+        [&]() -> asio::awaitable<error_code> {
+            co_return co_await l->submit(
+                [&]() -> asio::awaitable<error_code> { co_return thrown_by([&] { mgr.shutdown(1s); }); });
+        },
+        [&](std::exception_ptr e, error_code ec) {
+            EXPECT_FALSE(e);
+            from_async.set_value(ec);
+        });
+    auto async = from_async.get_future();
+    ASSERT_EQ(async.wait_for(10s), std::future_status::ready) << "shutdown from an async task hangs";
+    EXPECT_EQ(async.get(), valve::errc::invalid_argument);
+    mgr.shutdown(1s);
+}
+
+TEST(manager, a_manager_with_its_own_thread_may_be_destroyed_on_that_thread)
+{
+    for (int round = 0; round < 5; ++round) { // a thread left to end late gets time to, in the next rounds
+        auto mgr = std::make_unique<valve::manager>();
+        mgr->register_profile("p", valve::shared_resource("k", rate::unlimited()), valve::worker_pool(1, 10));
+        mgr->register_profile("d", valve::dedicated_resource(rate::unlimited()), valve::worker_pool(1, 10));
+        {
+            std::promise<void> ran;
+            mgr->get_limiter("p", "u")->async_submit([] {}, [&](std::exception_ptr) { ran.set_value(); });
+            ran.get_future().wait();
+            std::promise<void> ran_too;
+            mgr->get_limiter("d", "u")->async_submit([] {}, [&](std::exception_ptr) { ran_too.set_value(); });
+            ran_too.get_future().wait();
+        }
+        std::promise<void> destroyed;
+        std::promise<void> posted; // destroyed after the post has returned (and stopped using the thread)
+        asio::post(mgr->get_executor(), [&, after = posted.get_future()] {
+            after.wait();
+            mgr.reset();
+            destroyed.set_value();
+        });
+        posted.set_value();
+        auto done = destroyed.get_future();
+        ASSERT_EQ(done.wait_for(10s), std::future_status::ready);
+    }
+}
+
+TEST(manager, cancel_through_a_users_handle_aborts_that_users_queued_tasks_only)
+{
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    // One token now, then none for an hour: what comes after the first task stays queued.
+    mgr.register_profile("p", valve::shared_resource("k", rate::per(1, 1h), 1), valve::worker_pool(1, 10));
+    auto alice = mgr.get_limiter("p", "alice");
+    auto bob = mgr.get_limiter("p", "bob");
+    std::vector<error_code> heard_alice, heard_bob;
+    int ran = 0;
+    for (int i = 0; i < 3; ++i) {
+        alice->async_submit([&] { ++ran; }, [&](std::exception_ptr e) { heard_alice.push_back(code_of(e)); });
+        bob->async_submit([&] { ++ran; }, [&](std::exception_ptr e) { heard_bob.push_back(code_of(e)); });
+    }
+    ioc.run_for(50ms); // alice's first task takes the one token
+    alice->cancel();
+    ioc.run_for(50ms);
+    EXPECT_EQ(ran, 1);
+    EXPECT_EQ(heard_alice, (std::vector<error_code>{{}, asio::error::operation_aborted, asio::error::operation_aborted}));
+    EXPECT_TRUE(heard_bob.empty()) << "bob's tasks stay queued";
+    // Alice may submit again, through her handle or a new one, and so may bob.
+    alice->async_submit([&] { ++ran; }, [&](std::exception_ptr e) { heard_alice.push_back(code_of(e)); });
+    mgr.get_limiter("p", "alice")->async_submit([&] { ++ran; },
+                                                [&](std::exception_ptr e) { heard_alice.push_back(code_of(e)); });
+    ioc.run_for(50ms);
+    EXPECT_EQ(heard_alice.size(), 3u) << "alice's new tasks are queued, not refused";
+    EXPECT_EQ(mgr.stats("p").queued, 5u);
+    mgr.async_shutdown(0ms, [](error_code) {});
+    ioc.run();
+    EXPECT_EQ(heard_alice.size(), 5u);
+    EXPECT_EQ(heard_bob.size(), 3u);
+    EXPECT_EQ(ran, 1);
 }

@@ -20,6 +20,7 @@
 #include <boost/asio/prefer.hpp>
 #include <boost/asio/recycling_allocator.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/strand.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/system/error_code.hpp>
 #include <boost/system/system_error.hpp>
@@ -82,6 +83,8 @@ struct limiter_stats {
     std::chrono::steady_clock::time_point last_progress{};
 };
 
+class limiter;
+
 namespace detail {
 
 class limiter_core;
@@ -94,6 +97,10 @@ struct limiter_home {
         : keep_alive(std::move(keep)), executor(ex), task_executor(task_ex)
     {
     }
+    /// Lets `keep_alive` go on another thread when it goes on one of the threads it keeps.
+    ~limiter_home();
+    limiter_home(const limiter_home&) = delete;
+    limiter_home& operator=(const limiter_home&) = delete;
 
     std::shared_ptr<void> keep_alive; // first, so it is destroyed last
     boost::asio::any_io_executor executor;
@@ -102,12 +109,28 @@ struct limiter_home {
 
 /// Carries a submitter's cancellation into its running async task: the task's coroutine
 /// watches `signal`, which the submitter's cancellation handler emits while `running`.
-struct task_cancellation {
+///
+/// The task's coroutine runs on a strand of the submitter's executor, and `signal` is emitted
+/// only there: the coroutine changes its cancellation slots as it runs, and the submitter's
+/// cancellation may come from any thread (a signal emitted elsewhere than where the handler's
+/// executor runs, a multi-threaded `io_context`). Emitting it on the canceller's thread raced
+/// with the coroutine, which could free what the emission was still using.
+struct task_cancellation : std::enable_shared_from_this<task_cancellation> {
     boost::asio::cancellation_signal signal;
+    /// Where the task runs; written before `running` is set, read after it is seen set.
+    boost::asio::any_io_executor strand;
     std::atomic<bool> running{false};
     /// Cancellation types emitted by the submitter so far: one that arrives after the limiter
     /// started the task but before the task began on its executor stops it from beginning.
     std::atomic<unsigned> requested{0};
+
+    /// Carries `type` to the running task: emitted on its strand, if it still runs then.
+    void forward(boost::asio::cancellation_type type)
+    {
+        boost::asio::post(strand, [self = shared_from_this(), type] {
+            if (self->running.load()) self->signal.emit(type);
+        });
+    }
 };
 
 /// How a task that took a slot ended.
@@ -119,7 +142,9 @@ public:
     virtual ~job_base() = default;
 
     // A job comes and goes with every task: its memory is recycled by the thread that frees
-    // it, as Asio recycles its own operations'.
+    // it, as Asio recycles its own operations'. (Not under AddressSanitizer, which must see a
+    // job's end to catch its use after it.)
+#if !defined(__SANITIZE_ADDRESS__)
     static void* operator new(std::size_t size)
     {
         return boost::asio::recycling_allocator<std::max_align_t>().allocate(blocks(size));
@@ -129,6 +154,7 @@ public:
         boost::asio::recycling_allocator<std::max_align_t>().deallocate(static_cast<std::max_align_t*>(p),
                                                                          blocks(size));
     }
+#endif
 
     /// Starts the task; the job must call `limiter_finished(core, id, threw)` once it has
     /// completed its submitter (and hold a share of `core` until then: `limiter_share`).
@@ -398,10 +424,17 @@ public:
                 limiter_handed_over(*core);
             };
             if (auto forward = me->forward_) {
-                // The submitter's cancellation reaches the running task's coroutine.
-                forward->running.store(true);
-                asio::co_spawn(me->executor(), std::move(*work),
+                // The submitter's cancellation reaches the running task's coroutine, on the
+                // strand the coroutine runs on (see task_cancellation). co_spawn posts to the new
+                // strand: the task begins after this returns, its slot handler installed here.
+                forward->strand = asio::make_strand(me->executor());
+                asio::co_spawn(forward->strand, std::move(*work),
                                asio::bind_cancellation_slot(forward->signal.slot(), std::move(done)));
+                // Set, then `requested` read; a canceller adds to `requested`, then reads this:
+                // one of the two sees the other, so no cancellation is lost in between.
+                forward->running.store(true);
+                if (const unsigned requested = forward->requested.load())
+                    forward->forward(static_cast<asio::cancellation_type>(requested));
             } else {
                 asio::co_spawn(me->executor(), std::move(*work), std::move(done));
             }
@@ -553,6 +586,9 @@ private:
     [[no_unique_address]] std::conditional_t<Stoppable, std::stop_source, std::monostate> stop_;
 };
 
+/// Async tasks (and tasks run by their submitting coroutines) of `l`'s queue running now.
+std::size_t async_tasks_running(const limiter& l) noexcept;
+
 } // namespace detail
 
 /// A place in a limiter taken without waiting (`limiter::try_enter`): one of its concurrency
@@ -595,7 +631,10 @@ public:
     using executor_type = boost::asio::any_io_executor;
 
     /// A limiter whose bookkeeping runs on `ex` and whose blocking tasks run on `task_ex`;
-    /// `keep_alive` (say, the thread pool behind `task_ex`) lives as long as the limiter.
+    /// `keep_alive` (say, the thread pool behind `task_ex`) lives as long as the limiter; if
+    /// the limiter's last reference goes on one of the threads of `ex` or `task_ex` (a task's
+    /// completion drops it), `keep_alive` is released on a thread of valve's own instead, since
+    /// a thread pool cannot end from inside.
     /// Throws `valve::error` (`errc::invalid_argument`) for a null resource, zero concurrency,
     /// or a zero queue capacity with `queue_full_policy::wait`.
     limiter(const executor_type& ex, std::shared_ptr<resource> limits, limiter_options options,
@@ -703,14 +742,20 @@ public:
     /// Refuses new tasks from now on (`errc::shutting_down`), aborts every queued task
     /// (`operation_aborted`) and asks running tasks that take a `std::stop_token` to stop, all
     /// before returning. Running tasks finish; a shutdown in progress completes when they have.
+    ///
+    /// Through a handle from `for_user` (what a manager's `get_limiter` gives for a shared
+    /// profile): aborts that user's queued tasks (and those waiting for room) only, before
+    /// returning; its running tasks finish, the limiter goes on, and that user's later tasks
+    /// are taken as before. Closing a shared limiter is its owner's business (the manager's).
     void cancel();
 
     /// The same limiter (one queue, one resource, one concurrency cap) seen by another user:
     /// queued tasks of different users are served in turns, the user served least recently
     /// first (a user who arrives goes ahead of the user just served), so one user flooding the
     /// queue cannot starve the others; each user's own tasks stay first come, first served. Tasks
-    /// submitted through `*this` count as user 0's. Only the original limiter's destruction
-    /// closes the queue.
+    /// submitted through `*this` count as user 0's. Only the original limiter closes the queue
+    /// (its destruction, its `cancel()`); `cancel()` through the handle aborts that user's
+    /// queued tasks only.
     std::shared_ptr<limiter> for_user(std::uint64_t user) const;
 
     /// Admission without waiting and without a task: a permit if a slot and a token are free
@@ -891,6 +936,8 @@ private:
     };
 
     limiter(std::shared_ptr<detail::limiter_core> core, std::uint64_t user);
+
+    friend std::size_t detail::async_tasks_running(const limiter& l) noexcept;
 
     std::shared_ptr<detail::limiter_core> core_;
     std::uint64_t user_ = 0;

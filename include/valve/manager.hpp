@@ -147,12 +147,17 @@ public:
     /// A manager whose limiters keep their books on `ex` (usually the application's io_context).
     explicit manager(const executor_type& ex);
 
-    /// A manager that runs its bookkeeping on a thread of its own.
+    /// A manager that runs its bookkeeping on a thread of its own (an `io_context` that thread
+    /// runs: `get_executor()`).
     manager();
 
     /// Refuses new tasks, aborts queued ones at once (see `limiter::cancel`) and waits for
     /// running blocking tasks to finish. Limiters that users still hold stay valid: they refuse
-    /// new tasks with `errc::shutting_down`.
+    /// new tasks with `errc::shutting_down`. With `manager{}`, the completions this causes (and
+    /// whatever else was posted to the manager's thread) have run when it returns, and the
+    /// thread runs on, for the refusals of the limiters still held, until the last of them is
+    /// released. It may be destroyed from a handler on its own thread (with nothing held, it
+    /// then cannot wait for what it caused there, which runs after).
     ~manager();
 
     manager(const manager&) = delete;
@@ -232,8 +237,12 @@ public:
     /// its `run()` (it has returned), and then this call runs it (restarted, and stopped again
     /// before returning) until the shutdown completes, handlers of the program's own included.
     /// Throws `valve::error` (`errc::invalid_argument`) when
-    /// called from a thread inside that `io_context`'s `run()`, where it could only hang: use
-    /// `async_shutdown` there. (An `io_context` never run, and not running, is not detected.)
+    /// called from a thread inside that `io_context`'s `run()` (with `manager{}`, from its own
+    /// thread), where it could only hang: use `async_shutdown` there. (An `io_context` never
+    /// run, and not running, is not detected.) The same from inside one of the manager's tasks,
+    /// which the shutdown would wait for while it waits for the shutdown: a blocking task on a
+    /// profile's threads, or, while any async task of the manager runs, any handler of an Asio
+    /// event loop (an `io_context`'s or a `thread_pool`'s: the caller may be that task).
     void shutdown(std::chrono::nanoseconds grace = std::chrono::seconds(30));
 
 private:

@@ -117,6 +117,17 @@ public:
         return std::nullopt;
     }
 
+    /// Removes every item of `user`, oldest first, calling `f(id, value)` on each (its user
+    /// cancelled them all: not served, the others keep their turns).
+    template <class F>
+    void drain_user(std::uint64_t user, F&& f)
+    {
+        for (auto found = users_.find(user); found != users_.end(); found = users_.find(user)) {
+            const std::uint64_t id = found->second.head->id;
+            f(id, std::move(*take(user, id)));
+        }
+    }
+
     /// Removes every item, oldest (smallest id) first, calling `f(id, value)` on each.
     template <class F>
     void drain(F&& f)
