@@ -812,6 +812,10 @@ void limiter_finished_before_handover(limiter_core& core, std::uint64_t id, task
 
 std::size_t async_tasks_running(const limiter& l) noexcept { return l.core_->async_running(); }
 
+void hand_to_user(limiter& l) noexcept { l.owner_ = false; }
+
+void close_limiter(limiter& l) { l.core_->close(); }
+
 void limiter_handed_over(limiter_core& core) { core.handed_over(); }
 
 std::shared_ptr<limiter_core> limiter_share(limiter_core& core) { return core.shared_from_this(); }

@@ -362,7 +362,7 @@ manager::~manager()
     }
     // No grace: queued tasks are aborted before this returns; running ones are asked to stop
     // (if they take a stop token) and finish on their threads, which are then joined.
-    for (auto& l : limiters) l->cancel();
+    for (auto& l : limiters) detail::close_limiter(*l);
     limiters.clear();
     state_->join_pools();
     // What that caused (the aborted tasks' completions) runs on the manager's own thread before
@@ -474,6 +474,9 @@ std::shared_ptr<limiter> manager::get_limiter(std::string_view profile_name, std
     if (!u.lim) {
         const auto& d = *p.config.dedicated;
         u.lim = state_->make_limiter(p, state_->make_resource(d.limit, d.burst, p.config));
+        // Its user's cancel() aborts the user's queued tasks; closing it (and so dropping the
+        // limit it keeps) is the manager's business, as for a shared profile.
+        detail::hand_to_user(*u.lim);
     }
     u.last_used = now;
     return u.lim;

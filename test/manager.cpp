@@ -753,6 +753,37 @@ TEST(manager, a_manager_with_its_own_thread_may_be_destroyed_on_that_thread)
     }
 }
 
+TEST(manager, cancel_through_a_dedicated_users_handle_aborts_the_queue_but_keeps_the_limiter)
+{
+    asio::io_context ioc;
+    valve::manager mgr{ioc.get_executor()};
+    // One token now, then none for an hour: what comes after the first task stays queued.
+    mgr.register_profile("p", valve::dedicated_resource(rate::per(1, 1h), 1), valve::worker_pool(1, 10));
+    auto alice = mgr.get_limiter("p", "alice");
+    std::vector<error_code> heard;
+    int ran = 0;
+    for (int i = 0; i < 3; ++i) alice->async_submit([&] { ++ran; }, [&](std::exception_ptr e) { heard.push_back(code_of(e)); });
+    ioc.run_for(50ms);
+    alice->cancel();
+    ioc.restart(); // (run out of work when the old limiter closed)
+    ioc.run_for(50ms);
+    EXPECT_EQ(heard, (std::vector<error_code>{{}, asio::error::operation_aborted, asio::error::operation_aborted}));
+    // The limiter (and the limit it keeps: no token for an hour) stays: new tasks queue, through
+    // the old handle and a new one, and are not refused.
+    alice->async_submit([&] { ++ran; }, [&](std::exception_ptr e) { heard.push_back(code_of(e)); });
+    mgr.get_limiter("p", "alice")->async_submit([&] { ++ran; }, [&](std::exception_ptr e) { heard.push_back(code_of(e)); });
+    ioc.restart();
+    ioc.run_for(50ms);
+    EXPECT_EQ(heard.size(), 3u) << "alice's new tasks are queued, not refused";
+    EXPECT_EQ(mgr.stats("p").queued, 2u);
+    EXPECT_EQ(mgr.limiter_count("p"), 1u);
+    mgr.async_shutdown(0ms, [](error_code) {});
+    ioc.restart();
+    ioc.run();
+    EXPECT_EQ(heard.size(), 5u);
+    EXPECT_EQ(ran, 1);
+}
+
 TEST(manager, cancel_through_a_users_handle_aborts_that_users_queued_tasks_only)
 {
     asio::io_context ioc;

@@ -588,6 +588,11 @@ private:
 
 /// Async tasks (and tasks run by their submitting coroutines) of `l`'s queue running now.
 std::size_t async_tasks_running(const limiter& l) noexcept;
+/// The manager's: `l` is handed to one user, whose `cancel()` then aborts that user's tasks
+/// only (as through a `for_user` handle); closing it is `close_limiter`'s.
+void hand_to_user(limiter& l) noexcept;
+/// Refuses new tasks, aborts queued ones and asks running ones to stop, through any handle.
+void close_limiter(limiter& l);
 
 } // namespace detail
 
@@ -743,10 +748,11 @@ public:
     /// (`operation_aborted`) and asks running tasks that take a `std::stop_token` to stop, all
     /// before returning. Running tasks finish; a shutdown in progress completes when they have.
     ///
-    /// Through a handle from `for_user` (what a manager's `get_limiter` gives for a shared
-    /// profile): aborts that user's queued tasks (and those waiting for room) only, before
-    /// returning; its running tasks finish, the limiter goes on, and that user's later tasks
-    /// are taken as before. Closing a shared limiter is its owner's business (the manager's).
+    /// Through a handle from `for_user`, or any limiter a manager's `get_limiter` gives (a
+    /// shared profile's handle, a dedicated user's own limiter): aborts that user's queued
+    /// tasks (and those waiting for room) only, before returning; its running tasks finish,
+    /// the limiter goes on, with the limit it keeps, and that user's later tasks are taken as
+    /// before. Closing a manager's limiter is the manager's business.
     void cancel();
 
     /// The same limiter (one queue, one resource, one concurrency cap) seen by another user:
@@ -938,6 +944,8 @@ private:
     limiter(std::shared_ptr<detail::limiter_core> core, std::uint64_t user);
 
     friend std::size_t detail::async_tasks_running(const limiter& l) noexcept;
+    friend void detail::hand_to_user(limiter& l) noexcept;
+    friend void detail::close_limiter(limiter& l);
 
     std::shared_ptr<detail::limiter_core> core_;
     std::uint64_t user_ = 0;
