@@ -315,17 +315,24 @@ public:
     // any handler of an Asio event loop while an async task runs.
     bool inside_a_task()
     {
+        if (inside_a_blocking_task()) return true;
         std::vector<std::shared_ptr<limiter>> limiters;
         {
             std::lock_guard lock{mutex};
-            if (const limiter_home* home = running_task_home())
-                for (const auto& [name, p] : profiles)
-                    if (p->home.get() == home) return true;
             if (!inside_event_loop()) return false;
             limiters = all_limiters();
         }
         return std::any_of(limiters.begin(), limiters.end(),
                            [](const auto& l) { return async_tasks_running(*l) != 0; });
+    }
+
+    // Whether the calling thread runs a blocking task of the manager's profiles (known exactly).
+    bool inside_a_blocking_task()
+    {
+        const limiter_home* home = running_task_home();
+        if (!home) return false;
+        std::lock_guard lock{mutex};
+        return std::any_of(profiles.begin(), profiles.end(), [&](const auto& p) { return p.second->home.get() == home; });
     }
 
     std::vector<std::shared_ptr<limiter>> all_limiters()
@@ -352,6 +359,9 @@ manager::manager()
 
 manager::~manager()
 {
+    // A task of its own cannot wait for itself: a manager destroyed inside one (its last
+    // owner was the task) waits for neither that task's pool nor its own thread.
+    const bool inside_own_task = state_->inside_a_blocking_task();
     std::vector<std::shared_ptr<limiter>> limiters;
     {
         std::lock_guard lock{state_->mutex};
@@ -369,7 +379,7 @@ manager::~manager()
     // this returns; the thread then runs on for the limiters that users still hold (their
     // refusals), and ends with the last of them. A thread cannot wait for itself: a manager
     // destroyed on its own thread leaves them to run after it.
-    if (state_->own_thread && !state_->own_thread->context().get_executor().running_in_this_thread())
+    if (state_->own_thread && !inside_own_task && !state_->own_thread->context().get_executor().running_in_this_thread())
         state_->own_thread->drain();
 }
 

@@ -753,6 +753,25 @@ TEST(manager, a_manager_with_its_own_thread_may_be_destroyed_on_that_thread)
     }
 }
 
+TEST(manager, a_manager_with_its_own_thread_may_be_destroyed_inside_one_of_its_tasks)
+{
+    // The task holds the last owner of the manager and lets it go while it runs: the
+    // destructor must not wait for that task, nor for the completion it has yet to deliver.
+    auto mgr = std::make_shared<valve::manager>();
+    mgr->register_profile("p", valve::shared_resource("k", rate::unlimited()), valve::worker_pool(1, 10));
+    std::promise<void> destroyed, heard;
+    auto lim = mgr->get_limiter("p", "u");
+    lim->async_submit(
+        [&destroyed, owner = std::move(mgr)]() mutable {
+            owner.reset();
+            destroyed.set_value();
+        },
+        [&heard](std::exception_ptr) { heard.set_value(); });
+    lim.reset();
+    ASSERT_EQ(destroyed.get_future().wait_for(10s), std::future_status::ready) << "~manager waited for its own task";
+    EXPECT_EQ(heard.get_future().wait_for(10s), std::future_status::ready) << "the task's completion never came";
+}
+
 TEST(manager, cancel_through_a_dedicated_users_handle_aborts_the_queue_but_keeps_the_limiter)
 {
     asio::io_context ioc;

@@ -151,13 +151,14 @@ public:
     /// runs: `get_executor()`).
     manager();
 
-    /// Refuses new tasks, aborts queued ones at once (see `limiter::cancel`) and waits for
+    /// Refuses new tasks, aborts queued ones at once (see `detail::close_limiter`) and waits for
     /// running blocking tasks to finish. Limiters that users still hold stay valid: they refuse
     /// new tasks with `errc::shutting_down`. With `manager{}`, the completions this causes (and
     /// whatever else was posted to the manager's thread) have run when it returns, and the
     /// thread runs on, for the refusals of the limiters still held, until the last of them is
-    /// released. It may be destroyed from a handler on its own thread (with nothing held, it
-    /// then cannot wait for what it caused there, which runs after).
+    /// released. It may be destroyed from a handler on its own thread, or inside one of its
+    /// blocking tasks (a task cannot wait for itself: it then waits for neither that task nor
+    /// what it caused on its own thread, which runs after).
     ~manager();
 
     manager(const manager&) = delete;
