@@ -151,7 +151,8 @@ public:
     /// runs: `get_executor()`).
     manager();
 
-    /// Refuses new tasks, aborts queued ones at once (see `detail::close_limiter`) and waits for
+    /// Closes every limiter at once (as `limiter::cancel` closes a limiter of one's own: new
+    /// tasks refused, queued ones aborted) and waits for
     /// running blocking tasks to finish. Limiters that users still hold stay valid: they refuse
     /// new tasks with `errc::shutting_down`. With `manager{}`, the completions this causes (and
     /// whatever else was posted to the manager's thread) have run when it returns, and the
