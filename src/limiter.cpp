@@ -354,7 +354,7 @@ private:
             // Not running yet (started, on its way to the submitter's executor): it will not run.
             if (forward) {
                 forward->requested.fetch_or(static_cast<unsigned>(type));
-                if (forward->running.load()) forward->forward(type);
+                if (forward->is_running()) forward->forward(type);
             }
         }
     };

@@ -117,9 +117,20 @@ struct limiter_home {
 /// with the coroutine, which could free what the emission was still using.
 struct task_cancellation : std::enable_shared_from_this<task_cancellation> {
     boost::asio::cancellation_signal signal;
-    /// Where the task runs; written before `running` is set, read after it is seen set.
+    /// Where the task runs; written before the task is marked running, read after.
     boost::asio::any_io_executor strand;
-    std::atomic<bool> running{false};
+    /// Not started, running, finished: a task that finished before its starter marked it
+    /// running is never marked so, and a finished one hears nothing more.
+    enum phase_t : int { not_started, running, finished };
+    std::atomic<int> phase{not_started};
+
+    /// Marks the task running, unless it has finished already; whether it did.
+    bool mark_running() noexcept
+    {
+        int expected = not_started;
+        return phase.compare_exchange_strong(expected, running);
+    }
+    bool is_running() const noexcept { return phase.load() == running; }
     /// Cancellation types emitted by the submitter so far: one that arrives after the limiter
     /// started the task but before the task began on its executor stops it from beginning.
     std::atomic<unsigned> requested{0};
@@ -128,7 +139,7 @@ struct task_cancellation : std::enable_shared_from_this<task_cancellation> {
     void forward(boost::asio::cancellation_type type)
     {
         boost::asio::post(strand, [self = shared_from_this(), type] {
-            if (self->running.load()) self->signal.emit(type);
+            if (self->is_running()) self->signal.emit(type);
         });
     }
 };
@@ -415,7 +426,7 @@ public:
                 return;
             }
             auto done = [owned = std::move(owned), core = limiter_share(core)](std::exception_ptr e, auto... r) mutable {
-                if (owned->forward_) owned->forward_->running.store(false);
+                if (owned->forward_) owned->forward_->phase.store(task_cancellation::finished);
                 // The slot is free before the submitter resumes, so its next submission can
                 // start at once.
                 limiter_finished_before_handover(*core, owned->id,
@@ -432,9 +443,10 @@ public:
                                asio::bind_cancellation_slot(forward->signal.slot(), std::move(done)));
                 // Set, then `requested` read; a canceller adds to `requested`, then reads this:
                 // one of the two sees the other, so no cancellation is lost in between.
-                forward->running.store(true);
-                if (const unsigned requested = forward->requested.load())
-                    forward->forward(static_cast<asio::cancellation_type>(requested));
+                // (A task that already finished on another thread stays finished.)
+                if (forward->mark_running())
+                    if (const unsigned requested = forward->requested.load())
+                        forward->forward(static_cast<asio::cancellation_type>(requested));
             } else {
                 asio::co_spawn(me->executor(), std::move(*work), std::move(done));
             }
