@@ -514,6 +514,15 @@ TEST(bucket_core, a_refill_longer_than_it_supports_is_refused_up_front)
     }
     EXPECT_NO_THROW(bucket_core::check(rate::per(1e9, 24h * 400), 1'000'000'000));
     EXPECT_THROW(bucket_core::check(rate::per_second(1), 0), valve::error);
+    // A burst of 0 is refused for what it is, not for a reason that an unlimited rate belies.
+    try {
+        bucket_core::check(rate::unlimited(), 0);
+        ADD_FAILURE() << "no exception";
+    } catch (const valve::error& e) {
+        const std::string what = e.what();
+        EXPECT_EQ(what.find("never grant"), std::string::npos) << what;
+        EXPECT_NE(what.find("burst 0"), std::string::npos) << what;
+    }
     // A rate change the burst cannot take leaves the bucket as it was.
     bucket_core b{rate::per_second(10), 100, t0};
     EXPECT_THROW(b.set_rate(rate::per(1, 24h * 365), t0), valve::error);
