@@ -204,3 +204,43 @@ TEST(elastic_pool, many_threads_post_at_once)
     EXPECT_LE(most.load(), max);
     EXPECT_EQ(pool.threads(), 0u);
 }
+
+namespace {
+
+// Makes the next `n` thread starts fail, and no more once it goes out of scope.
+struct failing_thread_starts {
+    explicit failing_thread_starts(std::size_t n) { elastic_pool::fail_thread_starts_for_testing = n; }
+    ~failing_thread_starts() { elastic_pool::fail_thread_starts_for_testing = 0; }
+    failing_thread_starts(const failing_thread_starts&) = delete;
+    failing_thread_starts& operator=(const failing_thread_starts&) = delete;
+};
+
+} // namespace
+
+TEST(elastic_pool, work_posted_when_no_thread_can_start_runs_once_a_later_post_starts_one)
+{
+    elastic_pool pool{2};
+    std::latch ran{2};
+    {
+        failing_thread_starts fail{1};
+        EXPECT_NO_THROW(asio::post(pool.get_executor(), [&] { ran.count_down(); })) << "post threw";
+    }
+    EXPECT_EQ(pool.threads(), 0u) << "no thread could start";
+    EXPECT_NO_THROW(asio::post(pool.get_executor(), [&] { ran.count_down(); }));
+    ran.wait(); // both: the first was kept, not dropped
+    auto joined = std::async(std::launch::async, [&] { pool.join(); });
+    EXPECT_EQ(joined.wait_for(10s), std::future_status::ready) << "join hung";
+}
+
+TEST(elastic_pool, join_starts_the_thread_that_work_waiting_for_one_needs)
+{
+    elastic_pool pool{1};
+    std::atomic<bool> ran{false};
+    {
+        failing_thread_starts fail{1};
+        EXPECT_NO_THROW(asio::post(pool.get_executor(), [&] { ran = true; }));
+    }
+    auto joined = std::async(std::launch::async, [&] { pool.join(); });
+    ASSERT_EQ(joined.wait_for(10s), std::future_status::ready) << "join hung";
+    EXPECT_TRUE(ran.load()) << "join returned before the work ran";
+}

@@ -95,14 +95,21 @@ void elastic_pool::join()
     std::list<std::thread> done;
     {
         std::unique_lock lock{s.mutex};
-        s.settled.wait(lock, [&] { return s.work.load(std::memory_order_acquire) == 0; });
+        while (s.work.load(std::memory_order_acquire) != 0) {
+            // Work queued with no thread to run it (none could start): start one, retrying.
+            if (s.head && s.running.empty() && !start_thread(s))
+                s.settled.wait_for(lock, std::chrono::milliseconds(10));
+            else
+                s.settled.wait(lock);
+        }
         s.stopping = true;
         s.wake.notify_all();
         s.settled.wait(lock, [&] { return s.running.empty(); });
         s.stopping = false;
         done.swap(s.ended);
     }
-    for (auto& t : done) t.join(); // each has left its loop; this waits for it to exit
+    for (auto& t : done) // each has left its loop; this waits for it to exit
+        if (t.joinable()) t.join();
 }
 
 std::size_t elastic_pool::threads() const noexcept
@@ -115,44 +122,50 @@ std::size_t elastic_pool::max_threads() const noexcept { return state_->max_thre
 
 bool elastic_pool::running_in_this_thread() const noexcept { return current_pool_state == state_.get(); }
 
-void elastic_pool::post(state& s, op* o)
+void elastic_pool::post(state& s, op* o) noexcept
 {
     work_started(s);
     std::list<std::thread> done; // joined outside the lock
     {
         std::lock_guard lock{s.mutex};
         done.swap(s.ended);
-        if (s.idle > s.wakeups) {
-            ++s.wakeups;
-            s.wake.notify_one();
-        } else if (s.running.size() < s.max_threads) {
-            try {
-                auto self = s.running.emplace(s.running.end());
-                try {
-                    *self = std::thread(run_thread, s.shared_from_this(), &*self);
-                } catch (...) {
-                    s.running.erase(self);
-                    throw;
-                }
-                if (s.orphaned) self->detach();
-            } catch (...) {
-                // No thread to be had: the work waits for a thread that has one, if any.
-                if (s.running.empty()) {
-                    o->destroy();
-                    // Not `work_finished`: the lock is held.
-                    s.work.fetch_sub(1, std::memory_order_acq_rel);
-                    throw;
-                }
-            }
-        }
         o->next = nullptr;
         if (s.tail)
             s.tail->next = o;
         else
             s.head = o;
         s.tail = o;
+        if (s.idle > s.wakeups) {
+            ++s.wakeups;
+            s.wake.notify_one();
+        } else if (s.running.size() < s.max_threads) {
+            // If none can start, the work stays queued for a running thread, or for the thread
+            // the next post or `join` starts (woken here to try).
+            if (!start_thread(s) && s.running.empty()) s.settled.notify_all();
+        }
     }
-    for (auto& t : done) t.join();
+    for (auto& t : done)
+        if (t.joinable()) t.join();
+}
+
+bool elastic_pool::start_thread(state& s) noexcept
+{
+    try {
+        auto self = s.running.emplace(s.running.end());
+        try {
+            for (std::size_t n = fail_thread_starts_for_testing.load(); n > 0;)
+                if (fail_thread_starts_for_testing.compare_exchange_weak(n, n - 1))
+                    throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again));
+            *self = std::thread(run_thread, s.shared_from_this(), &*self);
+        } catch (...) {
+            s.running.erase(self);
+            throw;
+        }
+        if (s.orphaned) self->detach();
+        return true;
+    } catch (...) {
+        return false;
+    }
 }
 
 void elastic_pool::work_started(state& s) noexcept { s.work.fetch_add(1, std::memory_order_relaxed); }

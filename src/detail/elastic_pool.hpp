@@ -9,6 +9,7 @@
 #include <boost/asio/execution/outstanding_work.hpp>
 #include <boost/asio/execution_context.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <memory>
@@ -28,6 +29,10 @@ namespace valve::detail {
 /// `require(blocking.never)`, `prefer(outstanding_work.tracked/untracked)`), so it fits in an
 /// `any_io_executor` and works with `asio::post`. Posted functions must not throw (an exception
 /// escaping one ends the program, as on an `asio::thread_pool` run by plain threads).
+///
+/// Posting never throws but for `bad_alloc`. If the system has no thread to give, the work
+/// stays queued for a running thread; with none running, the next post, or `join`, tries again
+/// to start one (until then the work waits).
 ///
 /// Thread safety: every member may be called from any thread, concurrently, the pool's own
 /// included; the destructor, as with any object, only when no other call is under way.
@@ -67,6 +72,10 @@ public:
     /// Whether the calling thread is one of the pool's.
     bool running_in_this_thread() const noexcept;
 
+    /// Tests only: this many of the next thread starts (any pool's) fail as if the system had
+    /// no thread to give (`EAGAIN`).
+    static inline std::atomic<std::size_t> fail_thread_starts_for_testing{0};
+
 private:
     // A posted function, type-erased once; `run` invokes it and frees it.
     struct op {
@@ -91,7 +100,8 @@ private:
         F f;
     };
 
-    static void post(state& s, op* o);
+    static void post(state& s, op* o) noexcept;
+    static bool start_thread(state& s) noexcept; // under the lock; false if none could start
     static void work_started(state& s) noexcept;
     static void work_finished(state& s) noexcept;
     static void run_thread(std::shared_ptr<state> s, const void* self) noexcept;
