@@ -12,24 +12,24 @@ namespace valve::detail {
 
 static_assert(boost::asio::execution::is_executor<elastic_pool::executor_type>::value);
 
-// What the threads share with the pool: they keep it alive, so a pool destroyed on one of its
-// own threads leaves them something to finish with.
+// What the threads and executors share with the pool: they keep it alive, so a pool destroyed
+// on one of its own threads, or outlived by an executor, leaves them something to finish with.
 struct elastic_pool::state : std::enable_shared_from_this<state> {
-    state(elastic_pool& o, std::size_t max, std::chrono::nanoseconds rest)
-        : owner(&o), max_threads(max), idle_time(rest)
+    state(std::size_t max, std::chrono::nanoseconds rest) : max_threads(max), idle_time(rest)
     {
     }
 
     ~state()
     {
-        // Only functions nobody ran (a pool orphaned on its own thread): freed, not run.
+        // Only functions nobody ran (no thread could start for them): freed, not run.
         while (head) {
             op* o = std::exchange(head, head->next);
             o->destroy();
         }
     }
 
-    elastic_pool* owner;
+    // Destroyed last, after the queued functions that may use its services.
+    boost::asio::execution_context context;
     const std::size_t max_threads;
     const std::chrono::nanoseconds idle_time;
 
@@ -46,7 +46,7 @@ struct elastic_pool::state : std::enable_shared_from_this<state> {
     std::size_t idle = 0;           // threads waiting for work
     std::size_t wakeups = 0;        // of them, those told to wake and not yet awake
     bool stopping = false;          // idle threads end at once (`join` and an orphaned pool)
-    bool orphaned = false;          // destroyed on its own thread: threads are detached
+    bool orphaned = false;          // the pool is destroyed: threads are detached
 
     op* pop() noexcept
     {
@@ -65,28 +65,28 @@ thread_local const void* current_pool_state = nullptr;
 } // namespace
 
 elastic_pool::elastic_pool(std::size_t max_threads, std::chrono::nanoseconds idle_time)
-    : state_(std::make_shared<state>(*this, std::max<std::size_t>(max_threads, 1), idle_time))
+    : state_(std::make_shared<state>(std::max<std::size_t>(max_threads, 1), idle_time))
 {
 }
 
 elastic_pool::~elastic_pool()
 {
-    if (!running_in_this_thread()) {
-        join();
-    } else {
-        std::lock_guard lock{state_->mutex};
-        state_->orphaned = true;
-        state_->stopping = true;
-        state_->owner = nullptr;
-        for (auto& t : state_->running) t.detach();
-        for (auto& t : state_->ended) t.detach();
-        state_->wake.notify_all();
-    }
-    shutdown();
-    destroy();
+    join(); // at once on one of its own threads
+    // What remains belongs to the executors and threads still holding the state: threads that
+    // start or are still running now are detached and end as soon as their work runs out.
+    std::lock_guard lock{state_->mutex};
+    state_->orphaned = true;
+    state_->stopping = true;
+    for (auto& t : state_->running)
+        if (t.joinable()) t.detach();
+    for (auto& t : state_->ended)
+        if (t.joinable()) t.detach();
+    state_->wake.notify_all();
 }
 
-elastic_pool::executor_type elastic_pool::get_executor() noexcept { return executor_type{state_.get(), false}; }
+elastic_pool::executor_type elastic_pool::get_executor() noexcept { return executor_type{state_, false}; }
+
+boost::asio::execution_context& elastic_pool::context() noexcept { return state_->context; }
 
 void elastic_pool::join()
 {
@@ -209,11 +209,11 @@ void elastic_pool::run_thread(std::shared_ptr<state> sp, const void* self_ptr) n
     current_pool_state = nullptr;
 }
 
-elastic_pool& elastic_pool::executor_type::query(boost::asio::execution::context_t) const noexcept
+boost::asio::execution_context& elastic_pool::executor_type::query(boost::asio::execution::context_t) const noexcept
 {
-    return *state_->owner;
+    return state_->context;
 }
 
-bool elastic_pool::executor_type::running_in_this_thread() const noexcept { return current_pool_state == state_; }
+bool elastic_pool::executor_type::running_in_this_thread() const noexcept { return current_pool_state == state_.get(); }
 
 } // namespace valve::detail
