@@ -9,12 +9,12 @@
 #include <boost/asio/strand.hpp>
 #include <boost/asio/thread_pool.hpp>
 
-#include <condition_variable>
-#include <mutex>
+#include <limits>
+#include <memory>
+#include <new>
 #include <thread>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 namespace asio = boost::asio;
 
@@ -37,49 +37,24 @@ bool runs(const asio::any_io_executor& ex, bool& known) noexcept
     return false;
 }
 
-// One thread, made on first need, that drops the references handed to it; joined when the
-// program ends (a static's destructor).
-class reaper {
-public:
-    void add(std::shared_ptr<void> last)
-    {
-        {
-            std::lock_guard lock{mutex_};
-            queue_.push_back(std::move(last));
-            if (!thread_.joinable()) thread_ = std::thread([this] { loop(); });
-        }
-        wake_.notify_one();
+// Where references are let go: a pool made on first need and never destroyed, so that a release
+// from a thread still running at exit, or from a static's destructor, finds it whole, and exit
+// never waits for it. It has as many threads as releases under way at once, so one that blocks
+// holds up no other; idle ones end. Null if even that could not be made (no memory).
+elastic_pool* reaper() noexcept
+{
+    try {
+        static elastic_pool* const leaked = new elastic_pool{std::numeric_limits<std::size_t>::max()};
+        return leaked;
+    } catch (...) {
+        return nullptr; // the next call tries again
     }
+}
 
-    ~reaper()
-    {
-        {
-            std::lock_guard lock{mutex_};
-            ending_ = true;
-        }
-        wake_.notify_one();
-        if (thread_.joinable()) thread_.join();
-    }
-
-private:
-    void loop()
-    {
-        std::unique_lock lock{mutex_};
-        for (;;) {
-            wake_.wait(lock, [&] { return ending_ || !queue_.empty(); });
-            if (queue_.empty()) return;
-            std::vector<std::shared_ptr<void>> batch = std::exchange(queue_, {});
-            lock.unlock();
-            batch.clear(); // a thread pool's destructor joins its threads here
-            lock.lock();
-        }
-    }
-
-    std::mutex mutex_;
-    std::condition_variable wake_;
-    std::vector<std::shared_ptr<void>> queue_;
-    bool ending_ = false;
-    std::thread thread_;
+// Lets go of a reference when called.
+struct release_op {
+    std::shared_ptr<void> last;
+    void operator()() noexcept { last.reset(); }
 };
 
 } // namespace
@@ -100,10 +75,30 @@ bool running_in_this_thread(const asio::any_io_executor& ex) noexcept
 
 bool inside_event_loop() noexcept { return asio::detail::thread_context::top_of_thread_call_stack() != nullptr; }
 
-void release_elsewhere(std::shared_ptr<void> last)
+void release_elsewhere(std::shared_ptr<void> last) noexcept
 {
-    static reaper the_reaper;
-    the_reaper.add(std::move(last));
+    release_op op{std::move(last)};
+    if (elastic_pool* pool = reaper()) {
+        try {
+            // Allocates before it takes `op`: if that fails, `op` still holds the reference.
+            pool->get_executor().execute(std::move(op));
+            return;
+        } catch (...) {
+        }
+    }
+    // No memory: a thread of its own, holding the reference through a pointer so that a failed
+    // start leaves it here, not released on this thread.
+    if (auto* held = new (std::nothrow) std::shared_ptr<void>(std::move(op.last))) {
+        try {
+            std::thread([held] { delete held; }).detach();
+            return;
+        } catch (...) {
+            return; // leaked: better than released here, or an exception out of a destructor
+        }
+    }
+    // Nothing at all: leaked (constructed where its destructor never runs).
+    alignas(std::shared_ptr<void>) unsigned char never_destroyed[sizeof(std::shared_ptr<void>)];
+    ::new (static_cast<void*>(never_destroyed)) std::shared_ptr<void>(std::move(op.last));
 }
 
 } // namespace valve::detail

@@ -168,7 +168,7 @@ TEST(elastic_pool, its_executor_is_a_standard_asio_executor)
 {
     elastic_pool pool{1};
     const asio::any_io_executor ex = pool.get_executor();
-    EXPECT_EQ(&asio::query(ex, asio::execution::context), &pool);
+    EXPECT_EQ(&asio::query(ex, asio::execution::context), &pool.context());
     EXPECT_TRUE(pool.get_executor() == pool.get_executor());
     EXPECT_FALSE(pool.get_executor() == asio::prefer(pool.get_executor(), asio::execution::outstanding_work.tracked));
     elastic_pool other{1};
@@ -203,4 +203,83 @@ TEST(elastic_pool, many_threads_post_at_once)
     EXPECT_EQ(ran.load(), 4000);
     EXPECT_LE(most.load(), max);
     EXPECT_EQ(pool.threads(), 0u);
+}
+
+namespace {
+
+// Makes the next `n` thread starts fail, and no more once it goes out of scope.
+struct failing_thread_starts {
+    explicit failing_thread_starts(std::size_t n) { elastic_pool::fail_thread_starts_for_testing = n; }
+    ~failing_thread_starts() { elastic_pool::fail_thread_starts_for_testing = 0; }
+    failing_thread_starts(const failing_thread_starts&) = delete;
+    failing_thread_starts& operator=(const failing_thread_starts&) = delete;
+};
+
+} // namespace
+
+TEST(elastic_pool, work_posted_when_no_thread_can_start_runs_once_a_later_post_starts_one)
+{
+    elastic_pool pool{2};
+    std::latch ran{2};
+    {
+        failing_thread_starts fail{1};
+        EXPECT_NO_THROW(asio::post(pool.get_executor(), [&] { ran.count_down(); })) << "post threw";
+    }
+    EXPECT_EQ(pool.threads(), 0u) << "no thread could start";
+    EXPECT_NO_THROW(asio::post(pool.get_executor(), [&] { ran.count_down(); }));
+    ran.wait(); // both: the first was kept, not dropped
+    auto joined = std::async(std::launch::async, [&] { pool.join(); });
+    EXPECT_EQ(joined.wait_for(10s), std::future_status::ready) << "join hung";
+}
+
+TEST(elastic_pool, join_starts_the_thread_that_work_waiting_for_one_needs)
+{
+    elastic_pool pool{1};
+    std::atomic<bool> ran{false};
+    {
+        failing_thread_starts fail{1};
+        EXPECT_NO_THROW(asio::post(pool.get_executor(), [&] { ran = true; }));
+    }
+    auto joined = std::async(std::launch::async, [&] { pool.join(); });
+    ASSERT_EQ(joined.wait_for(10s), std::future_status::ready) << "join hung";
+    EXPECT_TRUE(ran.load()) << "join returned before the work ran";
+}
+
+namespace {
+
+// Set on a thread, it tells when that thread has ended (its thread_locals are destroyed last).
+struct exit_signal {
+    std::promise<void>* ended;
+    ~exit_signal() { ended->set_value(); }
+};
+thread_local std::optional<exit_signal> at_thread_exit;
+
+} // namespace
+
+TEST(elastic_pool, its_executor_still_names_a_context_after_the_pool_is_destroyed_on_its_own_thread)
+{
+    auto pool = std::make_shared<elastic_pool>(2);
+    auto ex = pool->get_executor();
+    std::promise<bool> has_context;
+    asio::post(ex, [p = std::move(pool), ex, &has_context]() mutable {
+        p.reset(); // the last owner: the pool is destroyed here, on its own thread
+        has_context.set_value(&asio::query(ex, asio::execution::context) != nullptr);
+    });
+    EXPECT_TRUE(has_context.get_future().get());
+}
+
+TEST(elastic_pool, an_executor_outliving_a_pool_destroyed_on_its_own_thread_still_runs_work)
+{
+    auto pool = std::make_shared<elastic_pool>(2);
+    auto ex = pool->get_executor();
+    std::promise<void> ended;
+    asio::post(ex, [p = std::move(pool), &ended]() mutable {
+        at_thread_exit.emplace(&ended);
+        p.reset(); // the last owner: the pool is destroyed here, on its own thread
+    });
+    ASSERT_EQ(ended.get_future().wait_for(10s), std::future_status::ready);
+    // The pool's last thread has ended; `ex` is all that is left of it.
+    std::promise<void> ran;
+    EXPECT_NO_THROW(asio::post(ex, [&] { ran.set_value(); }));
+    EXPECT_EQ(ran.get_future().wait_for(10s), std::future_status::ready);
 }

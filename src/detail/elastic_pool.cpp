@@ -12,24 +12,24 @@ namespace valve::detail {
 
 static_assert(boost::asio::execution::is_executor<elastic_pool::executor_type>::value);
 
-// What the threads share with the pool: they keep it alive, so a pool destroyed on one of its
-// own threads leaves them something to finish with.
+// What the threads and executors share with the pool: they keep it alive, so a pool destroyed
+// on one of its own threads, or outlived by an executor, leaves them something to finish with.
 struct elastic_pool::state : std::enable_shared_from_this<state> {
-    state(elastic_pool& o, std::size_t max, std::chrono::nanoseconds rest)
-        : owner(&o), max_threads(max), idle_time(rest)
+    state(std::size_t max, std::chrono::nanoseconds rest) : max_threads(max), idle_time(rest)
     {
     }
 
     ~state()
     {
-        // Only functions nobody ran (a pool orphaned on its own thread): freed, not run.
+        // Only functions nobody ran (no thread could start for them): freed, not run.
         while (head) {
             op* o = std::exchange(head, head->next);
             o->destroy();
         }
     }
 
-    elastic_pool* owner;
+    // Destroyed last, after the queued functions that may use its services.
+    boost::asio::execution_context context;
     const std::size_t max_threads;
     const std::chrono::nanoseconds idle_time;
 
@@ -46,7 +46,7 @@ struct elastic_pool::state : std::enable_shared_from_this<state> {
     std::size_t idle = 0;           // threads waiting for work
     std::size_t wakeups = 0;        // of them, those told to wake and not yet awake
     bool stopping = false;          // idle threads end at once (`join` and an orphaned pool)
-    bool orphaned = false;          // destroyed on its own thread: threads are detached
+    bool orphaned = false;          // the pool is destroyed: threads are detached
 
     op* pop() noexcept
     {
@@ -65,28 +65,28 @@ thread_local const void* current_pool_state = nullptr;
 } // namespace
 
 elastic_pool::elastic_pool(std::size_t max_threads, std::chrono::nanoseconds idle_time)
-    : state_(std::make_shared<state>(*this, std::max<std::size_t>(max_threads, 1), idle_time))
+    : state_(std::make_shared<state>(std::max<std::size_t>(max_threads, 1), idle_time))
 {
 }
 
 elastic_pool::~elastic_pool()
 {
-    if (!running_in_this_thread()) {
-        join();
-    } else {
-        std::lock_guard lock{state_->mutex};
-        state_->orphaned = true;
-        state_->stopping = true;
-        state_->owner = nullptr;
-        for (auto& t : state_->running) t.detach();
-        for (auto& t : state_->ended) t.detach();
-        state_->wake.notify_all();
-    }
-    shutdown();
-    destroy();
+    join(); // at once on one of its own threads
+    // What remains belongs to the executors and threads still holding the state: threads that
+    // start or are still running now are detached and end as soon as their work runs out.
+    std::lock_guard lock{state_->mutex};
+    state_->orphaned = true;
+    state_->stopping = true;
+    for (auto& t : state_->running)
+        if (t.joinable()) t.detach();
+    for (auto& t : state_->ended)
+        if (t.joinable()) t.detach();
+    state_->wake.notify_all();
 }
 
-elastic_pool::executor_type elastic_pool::get_executor() noexcept { return executor_type{state_.get(), false}; }
+elastic_pool::executor_type elastic_pool::get_executor() noexcept { return executor_type{state_, false}; }
+
+boost::asio::execution_context& elastic_pool::context() noexcept { return state_->context; }
 
 void elastic_pool::join()
 {
@@ -95,14 +95,21 @@ void elastic_pool::join()
     std::list<std::thread> done;
     {
         std::unique_lock lock{s.mutex};
-        s.settled.wait(lock, [&] { return s.work.load(std::memory_order_acquire) == 0; });
+        while (s.work.load(std::memory_order_acquire) != 0) {
+            // Work queued with no thread to run it (none could start): start one, retrying.
+            if (s.head && s.running.empty() && !start_thread(s))
+                s.settled.wait_for(lock, std::chrono::milliseconds(10));
+            else
+                s.settled.wait(lock);
+        }
         s.stopping = true;
         s.wake.notify_all();
         s.settled.wait(lock, [&] { return s.running.empty(); });
         s.stopping = false;
         done.swap(s.ended);
     }
-    for (auto& t : done) t.join(); // each has left its loop; this waits for it to exit
+    for (auto& t : done) // each has left its loop; this waits for it to exit
+        if (t.joinable()) t.join();
 }
 
 std::size_t elastic_pool::threads() const noexcept
@@ -115,44 +122,50 @@ std::size_t elastic_pool::max_threads() const noexcept { return state_->max_thre
 
 bool elastic_pool::running_in_this_thread() const noexcept { return current_pool_state == state_.get(); }
 
-void elastic_pool::post(state& s, op* o)
+void elastic_pool::post(state& s, op* o) noexcept
 {
     work_started(s);
     std::list<std::thread> done; // joined outside the lock
     {
         std::lock_guard lock{s.mutex};
         done.swap(s.ended);
-        if (s.idle > s.wakeups) {
-            ++s.wakeups;
-            s.wake.notify_one();
-        } else if (s.running.size() < s.max_threads) {
-            try {
-                auto self = s.running.emplace(s.running.end());
-                try {
-                    *self = std::thread(run_thread, s.shared_from_this(), &*self);
-                } catch (...) {
-                    s.running.erase(self);
-                    throw;
-                }
-                if (s.orphaned) self->detach();
-            } catch (...) {
-                // No thread to be had: the work waits for a thread that has one, if any.
-                if (s.running.empty()) {
-                    o->destroy();
-                    // Not `work_finished`: the lock is held.
-                    s.work.fetch_sub(1, std::memory_order_acq_rel);
-                    throw;
-                }
-            }
-        }
         o->next = nullptr;
         if (s.tail)
             s.tail->next = o;
         else
             s.head = o;
         s.tail = o;
+        if (s.idle > s.wakeups) {
+            ++s.wakeups;
+            s.wake.notify_one();
+        } else if (s.running.size() < s.max_threads) {
+            // If none can start, the work stays queued for a running thread, or for the thread
+            // the next post or `join` starts (woken here to try).
+            if (!start_thread(s) && s.running.empty()) s.settled.notify_all();
+        }
     }
-    for (auto& t : done) t.join();
+    for (auto& t : done)
+        if (t.joinable()) t.join();
+}
+
+bool elastic_pool::start_thread(state& s) noexcept
+{
+    try {
+        auto self = s.running.emplace(s.running.end());
+        try {
+            for (std::size_t n = fail_thread_starts_for_testing.load(); n > 0;)
+                if (fail_thread_starts_for_testing.compare_exchange_weak(n, n - 1))
+                    throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again));
+            *self = std::thread(run_thread, s.shared_from_this(), &*self);
+        } catch (...) {
+            s.running.erase(self);
+            throw;
+        }
+        if (s.orphaned) self->detach();
+        return true;
+    } catch (...) {
+        return false;
+    }
 }
 
 void elastic_pool::work_started(state& s) noexcept { s.work.fetch_add(1, std::memory_order_relaxed); }
@@ -196,11 +209,11 @@ void elastic_pool::run_thread(std::shared_ptr<state> sp, const void* self_ptr) n
     current_pool_state = nullptr;
 }
 
-elastic_pool& elastic_pool::executor_type::query(boost::asio::execution::context_t) const noexcept
+boost::asio::execution_context& elastic_pool::executor_type::query(boost::asio::execution::context_t) const noexcept
 {
-    return *state_->owner;
+    return state_->context;
 }
 
-bool elastic_pool::executor_type::running_in_this_thread() const noexcept { return current_pool_state == state_; }
+bool elastic_pool::executor_type::running_in_this_thread() const noexcept { return current_pool_state == state_.get(); }
 
 } // namespace valve::detail

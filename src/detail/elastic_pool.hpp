@@ -9,6 +9,7 @@
 #include <boost/asio/execution/outstanding_work.hpp>
 #include <boost/asio/execution_context.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <memory>
@@ -29,9 +30,13 @@ namespace valve::detail {
 /// `any_io_executor` and works with `asio::post`. Posted functions must not throw (an exception
 /// escaping one ends the program, as on an `asio::thread_pool` run by plain threads).
 ///
+/// Posting never throws but for `bad_alloc`. If the system has no thread to give, the work
+/// stays queued for a running thread; with none running, the next post, or `join`, tries again
+/// to start one (until then the work waits).
+///
 /// Thread safety: every member may be called from any thread, concurrently, the pool's own
 /// included; the destructor, as with any object, only when no other call is under way.
-class elastic_pool : public boost::asio::execution_context {
+class elastic_pool {
     struct state;
 
 public:
@@ -46,12 +51,18 @@ public:
 
     /// Joins (see `join`). From one of the pool's own threads, which cannot wait for itself,
     /// it waits for nothing: the threads end as their work runs out, keeping what they use.
+    /// Executors outliving the pool keep what they need: work posted through them still runs
+    /// (on threads that end when it runs out).
     ~elastic_pool();
 
     elastic_pool(const elastic_pool&) = delete;
     elastic_pool& operator=(const elastic_pool&) = delete;
 
     executor_type get_executor() noexcept;
+
+    /// The execution context its executors name (for Asio's services, e.g. strands); it lives
+    /// as long as the pool or any of its executors.
+    boost::asio::execution_context& context() noexcept;
 
     /// Waits until the pool has no work (nothing queued or running, no executor tracking
     /// work) and every thread has ended. Later work starts threads again. Called from one of
@@ -66,6 +77,10 @@ public:
 
     /// Whether the calling thread is one of the pool's.
     bool running_in_this_thread() const noexcept;
+
+    /// Tests only: this many of the next thread starts (any pool's) fail as if the system had
+    /// no thread to give (`EAGAIN`).
+    static inline std::atomic<std::size_t> fail_thread_starts_for_testing{0};
 
 private:
     // A posted function, type-erased once; `run` invokes it and frees it.
@@ -91,7 +106,8 @@ private:
         F f;
     };
 
-    static void post(state& s, op* o);
+    static void post(state& s, op* o) noexcept;
+    static bool start_thread(state& s) noexcept; // under the lock; false if none could start
     static void work_started(state& s) noexcept;
     static void work_finished(state& s) noexcept;
     static void run_thread(std::shared_ptr<state> s, const void* self) noexcept;
@@ -99,7 +115,8 @@ private:
     std::shared_ptr<state> state_;
 };
 
-/// Posts to an `elastic_pool`; copies that track work keep `join` waiting.
+/// Posts to an `elastic_pool`; copies that track work keep `join` waiting. Each shares the
+/// pool's state (a reference count), so it stays usable after the pool is destroyed.
 class elastic_pool::executor_type {
 public:
     /// Runs `f` on one of the pool's threads, never inside this call.
@@ -110,7 +127,7 @@ public:
         post(*state_, new op_for<fn>(fn(std::forward<F>(f))));
     }
 
-    elastic_pool& query(boost::asio::execution::context_t) const noexcept;
+    boost::asio::execution_context& query(boost::asio::execution::context_t) const noexcept;
     static constexpr boost::asio::execution::blocking_t query(boost::asio::execution::blocking_t) noexcept
     {
         return boost::asio::execution::blocking.never;
@@ -134,7 +151,8 @@ public:
     bool running_in_this_thread() const noexcept;
 
     executor_type(const executor_type& other) noexcept : executor_type(other.state_, other.tracked_) {}
-    executor_type(executor_type&& other) noexcept : state_(other.state_), tracked_(std::exchange(other.tracked_, false))
+    executor_type(executor_type&& other) noexcept
+        : state_(std::move(other.state_)), tracked_(std::exchange(other.tracked_, false))
     {
     }
     executor_type& operator=(const executor_type& other) noexcept
@@ -164,7 +182,7 @@ public:
 
 private:
     friend class elastic_pool;
-    executor_type(state* s, bool tracked) noexcept : state_(s), tracked_(tracked)
+    executor_type(std::shared_ptr<state> s, bool tracked) noexcept : state_(std::move(s)), tracked_(tracked)
     {
         if (tracked_) work_started(*state_);
     }
@@ -174,7 +192,7 @@ private:
         std::swap(tracked_, other.tracked_);
     }
 
-    state* state_;
+    std::shared_ptr<state> state_;
     bool tracked_;
 };
 

@@ -27,8 +27,11 @@ bool inside_event_loop() noexcept;
 
 /// Releases `last` on a thread of valve's own, soon: for the last reference to something that
 /// must not be destroyed on the calling thread (a thread pool, from one of its own threads,
-/// cannot join itself). That thread is joined when the program ends.
-void release_elsewhere(std::shared_ptr<void> last);
+/// cannot join itself). Each release under way has its own thread, so one that blocks holds up
+/// no other; the program's exit does not wait for them. Never throws (its callers are
+/// destructors): with no thread to be had, the release waits for a later call to start one;
+/// with no memory either, `last` is leaked, never released on the calling thread.
+void release_elsewhere(std::shared_ptr<void> last) noexcept;
 
 } // namespace valve::detail
 
