@@ -337,3 +337,26 @@ TEST(bucket_set, is_not_starved_by_async_acquire_finding_tokens_free)
     EXPECT_LT(waited, std::chrono::steady_clock::duration{3s}) << "the set was starved: " << grants
                                                                << " single tokens went first";
 }
+
+TEST(bucket_set, try_acquire_leaves_the_tokens_of_a_waiting_set)
+{
+    // A set of 2 waits for `slow`; its place keeps 2 of `shared`'s 3 tokens. try_acquire, of the
+    // bucket or of another set on it, may take the third and no more.
+    asio::io_context ioc;
+    token_bucket shared{ioc, rate::per_second(1), 3};
+    token_bucket slow{ioc, rate::per_second(10), 2};
+    ASSERT_TRUE(slow.try_acquire(2));
+    bucket_set waiting{shared, slow};
+    result_probe r;
+    waiting.async_acquire(2, r.handler());
+    ioc.poll();
+    ASSERT_EQ(r.calls, 0);
+    bucket_set other{shared};
+    EXPECT_FALSE(other.try_acquire(2));
+    EXPECT_FALSE(shared.try_acquire(2));
+    EXPECT_TRUE(other.try_acquire(1));
+    EXPECT_FALSE(shared.try_acquire(1));
+    ioc.run();
+    EXPECT_EQ(r.calls, 1);
+    EXPECT_FALSE(r.ec);
+}

@@ -59,8 +59,9 @@ public:
 
     executor_type get_executor() const noexcept;
 
-    /// Takes `n` tokens from every bucket if all have them now and none has a queued waiter;
-    /// otherwise takes nothing. Never blocks or throws.
+    /// Takes `n` tokens from every bucket if all have them now, beyond the tokens of places held
+    /// by waiting acquisitions, and none has a queued waiter; otherwise takes nothing. Never
+    /// blocks or throws.
     bool try_acquire(std::size_t n = 1) noexcept;
 
     /// Waits until `n` tokens can be taken from every bucket at once, and takes them.
