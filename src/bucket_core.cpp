@@ -282,7 +282,7 @@ bucket_core::bucket_core(rate r, std::size_t burst, time_point now)
     state_.store(encode(0, 0), std::memory_order_release);
 }
 
-bool bucket_core::try_take(std::size_t n, time_point now) noexcept
+bool bucket_core::try_take(std::size_t n, time_point now, std::size_t keep) noexcept
 {
     if (n == 0) return true;
     contention_backoff backoff;
@@ -304,6 +304,13 @@ bool bucket_core::try_take(std::size_t n, time_point now) noexcept
         }
         const std::int64_t x = std::max(decode(s), now_u) + static_cast<std::int64_t>(n) * c.cost;
         if (x - now_u > c.window) return false;
+        if (keep != 0) {
+            // The kept tokens are not taken, only required to be there after the take.
+            std::int64_t kept = 0;
+            if (keep > c.burst || __builtin_mul_overflow(static_cast<std::int64_t>(keep), c.cost, &kept)
+                || x - now_u > c.window - kept)
+                return false;
+        }
         if (state_.compare_exchange_weak(s, encode(generation_of(s), x), std::memory_order_acq_rel,
                                          std::memory_order_acquire))
             return true;

@@ -45,12 +45,17 @@ bool any_queued(const bucket_list& buckets) noexcept
                        [](const auto& b) { return b->pending_.load(std::memory_order_acquire) != 0; });
 }
 
-// Takes n from every bucket at `now`, or from none. A bucket whose tokens were taken and given
-// back may have a waiter that missed them meanwhile: it is woken to plan again.
-bool take_all(const bucket_list& buckets, std::size_t n, time_point now) noexcept
+// Takes n from every bucket at `now`, or from none; with `keep_held`, only where that leaves
+// the tokens of the places held in the bucket's queue (for a caller that does not queue). A
+// bucket whose tokens were taken and given back may have a waiter that missed them meanwhile:
+// it is woken to plan again.
+bool take_all(const bucket_list& buckets, std::size_t n, time_point now, bool keep_held = false) noexcept
 {
+    const auto take = [&](bucket_impl& b) {
+        return b.core_.try_take(n, now, keep_held ? b.pending_tokens_.load(std::memory_order_relaxed) : 0);
+    };
     std::size_t taken = 0;
-    while (taken < buckets.size() && buckets[taken]->core_.try_take(n, now)) ++taken;
+    while (taken < buckets.size() && take(*buckets[taken])) ++taken;
     if (taken == buckets.size()) return true;
     while (taken > 0) buckets[--taken]->refund(n, now);
     return false;
@@ -84,6 +89,13 @@ public:
         auto slot = asio::get_associated_cancellation_slot(handler_);
         if (slot.is_connected()) slot.template emplace<cancel_handler>(weak_from_this());
         const auto& buckets = set_->buckets;
+        // An acquisition that can never be served holds no place: it would only keep tokens
+        // from others (try_acquire leaves held tokens in the bucket) until it failed.
+        for (const auto& b : buckets)
+            if (exceeds_burst(*b, n_)) {
+                asio::post(strand_, [self = shared_from_this()] { self->complete(errc::exceeds_burst); });
+                return;
+            }
         places_.reserve(buckets.size());
         for (std::size_t i = 0; i < buckets.size(); ++i) {
             buckets[i]->watch(weak_from_this());
@@ -169,7 +181,7 @@ private:
     void complete(boost::system::error_code ec)
     {
         done_ = true;
-        for (std::size_t i = 0; i < set_->buckets.size(); ++i) {
+        for (std::size_t i = 0; i < places_.size(); ++i) { // none if it failed at the start
             set_->buckets[i]->unwatch(this);
             set_->buckets[i]->unhold(places_[i]);
         }
@@ -231,7 +243,9 @@ bool bucket_set::try_acquire(std::size_t n) noexcept
 {
     if (n == 0) return true;
     if (detail::any_queued(state_->buckets)) return false;
-    return detail::take_all(state_->buckets, n, clock::now());
+    // Places held by other sets' acquisitions are left their tokens, as token_bucket::try_acquire
+    // leaves them.
+    return detail::take_all(state_->buckets, n, clock::now(), true);
 }
 
 void bucket_set::release(std::size_t n)

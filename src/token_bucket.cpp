@@ -354,7 +354,11 @@ bool try_acquire_now(bucket_impl& impl, std::size_t n) noexcept
     if (n == 0) return true;
     if (impl.pending_.load(std::memory_order_relaxed) != 0) return false;
     // An unlimited bucket grants without asking the time (a clock read is half a grant).
-    return impl.core_.is_unlimited() || impl.core_.try_take(n, clock_now());
+    if (impl.core_.is_unlimited()) return true;
+    // With no waiter queued, the tokens still queued for are those of places held by bucket_set
+    // acquisitions: they stay in the bucket, or a caller that finds a token free the moment it
+    // appears would keep the bucket from ever holding a set's n again.
+    return impl.core_.try_take(n, clock_now(), impl.pending_tokens_.load(std::memory_order_relaxed));
 }
 
 const asio::any_io_executor& executor_of(const bucket_impl& impl) noexcept { return impl.executor_; }

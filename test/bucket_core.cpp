@@ -34,6 +34,18 @@ TEST(bucket_core, starts_full_and_grants_the_burst)
     EXPECT_TRUE(b.try_take(0, t0));
 }
 
+TEST(bucket_core, try_take_leaves_the_tokens_it_is_told_to_keep)
+{
+    bucket_core b{rate::per_second(10), 5, t0};
+    EXPECT_FALSE(b.try_take(1, t0, 5)); // all five are promised
+    EXPECT_TRUE(b.try_take(2, t0, 3));
+    EXPECT_FALSE(b.try_take(1, t0, 3));
+    EXPECT_DOUBLE_EQ(b.available(t0), 3.0); // kept, not taken
+    EXPECT_TRUE(b.try_take(1, t0 + 100ms, 3));
+    EXPECT_FALSE(b.try_take(1, t0, 6)); // more than the burst can ever be kept
+    EXPECT_TRUE(b.try_take(0, t0, 6));
+}
+
 TEST(bucket_core, refills_at_the_rate_to_the_nanosecond)
 {
     bucket_core b{rate::per_second(10), 5, t0};

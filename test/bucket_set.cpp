@@ -18,6 +18,7 @@
 #include <chrono>
 #include <functional>
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace asio = boost::asio;
@@ -70,7 +71,7 @@ TEST(bucket_set, waits_for_the_slowest_without_holding_the_others)
 {
     asio::io_context ioc;
     const auto start = std::chrono::steady_clock::now();
-    token_bucket fast{ioc, rate::per_second(50), 1};
+    token_bucket fast{ioc, rate::per_second(50), 2};
     token_bucket slow{ioc, rate::per_second(10), 1};
     ASSERT_TRUE(slow.try_acquire());
     bucket_set both{fast, slow};
@@ -84,13 +85,15 @@ TEST(bucket_set, waits_for_the_slowest_without_holding_the_others)
     });
     ioc.poll();
     EXPECT_EQ(calls, 0);
-    // While the set waits ~100 ms for `slow`, the token of `fast` is not held: others may use it.
+    // While the set waits ~100 ms for `slow`, `fast` is not held for it beyond its one token:
+    // others may use the rest, but not the token the set's place keeps there.
     EXPECT_TRUE(fast.try_acquire());
+    EXPECT_FALSE(fast.try_acquire());
     ioc.run();
     EXPECT_EQ(calls, 1);
     EXPECT_FALSE(result);
     EXPECT_GE(std::chrono::steady_clock::now() - start, 100ms);
-    EXPECT_LT(fast_left, 0.9); // the set took fast's refilled token
+    EXPECT_LT(fast_left, 1.9); // the set took one of fast's refilled tokens
 }
 
 TEST(bucket_set, queues_behind_waiters_already_waiting_on_a_bucket)
@@ -257,4 +260,103 @@ TEST(bucket_set, is_not_starved_by_a_stream_of_single_token_waiters)
     ASSERT_EQ(r.calls, 1);
     EXPECT_FALSE(r.ec);
     EXPECT_LT(granted_after, 10 * ideal) << "the set was starved: " << grants << " single tokens went first";
+}
+
+namespace {
+
+// A set of 10 on a bucket of 10/s, burst 10, while `take(bucket)` is called every 2 ms and takes
+// a token the moment one appears. Returns how long the set waited (max() if it never got its
+// tokens while the stream ran: 4 s) and how many single tokens the stream was granted.
+template <class Take>
+std::pair<std::chrono::steady_clock::duration, int> set_wait_against(Take take)
+{
+    asio::io_context ioc;
+    constexpr std::size_t burst = 10;
+    token_bucket a{ioc, rate::per_second(10), burst};
+    EXPECT_TRUE(a.try_acquire(burst));
+    bucket_set set{a};
+    bool stream_stopped = false;
+    int grants = 0;
+    asio::steady_timer poller{ioc};
+    std::function<void()> poll = [&] {
+        take(a, grants);
+        poller.expires_after(2ms);
+        poller.async_wait([&](error_code ec) {
+            if (!ec && !stream_stopped) poll();
+        });
+    };
+    poll();
+    const auto start = std::chrono::steady_clock::now();
+    auto waited = std::chrono::steady_clock::duration::max();
+    asio::steady_timer stop{ioc, 4s};
+    stop.async_wait([&](error_code) {
+        stream_stopped = true;
+        poller.cancel();
+    });
+    result_probe r;
+    set.async_acquire(burst, [&](error_code ec) {
+        r.handler()(ec);
+        waited = std::chrono::steady_clock::now() - start;
+        stream_stopped = true;
+        poller.cancel();
+        stop.cancel();
+    });
+    ioc.run_until(std::chrono::steady_clock::now() + 6s);
+    EXPECT_EQ(r.calls, 1);
+    EXPECT_FALSE(r.ec);
+    return {waited, grants};
+}
+
+} // namespace
+
+TEST(bucket_set, is_not_starved_by_try_acquire_taking_tokens_as_they_appear)
+{
+    // The set holds a place in the bucket's queue: try_acquire must leave it its 10 tokens, so
+    // it gets them once the bucket has refilled, ~1 s (10 token intervals) after it asked.
+    // Blind to that place, try_acquire takes every token and the bucket never holds 10 again.
+    const auto [waited, grants] = set_wait_against([](token_bucket& a, int& granted) {
+        if (a.try_acquire(1)) ++granted;
+    });
+    EXPECT_LT(waited, std::chrono::steady_clock::duration{3s}) << "the set was starved: " << grants
+                                                               << " single tokens went first";
+}
+
+TEST(bucket_set, is_not_starved_by_async_acquire_finding_tokens_free)
+{
+    // As above, with one async_acquire(1) at a time, started whenever a token is free: it must
+    // queue behind the set's place rather than take the token on the fast path.
+    bool in_flight = false;
+    const auto [waited, grants] = set_wait_against([&in_flight](token_bucket& a, int& granted) {
+        if (in_flight || a.available() < 1) return;
+        in_flight = true;
+        a.async_acquire(1, [&in_flight, &granted](error_code ec) {
+            in_flight = false;
+            if (!ec) ++granted;
+        });
+    });
+    EXPECT_LT(waited, std::chrono::steady_clock::duration{3s}) << "the set was starved: " << grants
+                                                               << " single tokens went first";
+}
+
+TEST(bucket_set, try_acquire_leaves_the_tokens_of_a_waiting_set)
+{
+    // A set of 2 waits for `slow`; its place keeps 2 of `shared`'s 3 tokens. try_acquire, of the
+    // bucket or of another set on it, may take the third and no more.
+    asio::io_context ioc;
+    token_bucket shared{ioc, rate::per_second(1), 3};
+    token_bucket slow{ioc, rate::per_second(10), 2};
+    ASSERT_TRUE(slow.try_acquire(2));
+    bucket_set waiting{shared, slow};
+    result_probe r;
+    waiting.async_acquire(2, r.handler());
+    ioc.poll();
+    ASSERT_EQ(r.calls, 0);
+    bucket_set other{shared};
+    EXPECT_FALSE(other.try_acquire(2));
+    EXPECT_FALSE(shared.try_acquire(2));
+    EXPECT_TRUE(other.try_acquire(1));
+    EXPECT_FALSE(shared.try_acquire(1));
+    ioc.run();
+    EXPECT_EQ(r.calls, 1);
+    EXPECT_FALSE(r.ec);
 }

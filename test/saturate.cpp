@@ -47,3 +47,17 @@ TEST(saturate, cast_clamps_to_the_target_range)
     EXPECT_EQ(saturating_cast<nanoseconds>(std::chrono::duration<double>(0.25)), 250ms);
     static_assert(saturating_cast<nanoseconds>(hours::max()) == nanoseconds::max());
 }
+
+TEST(saturate, cast_of_a_period_that_does_not_reduce_is_exact_where_the_result_fits)
+{
+    // 2e10 thirds of a second is 6'666'666'666.67 s: it fits in nanoseconds, but duration_cast
+    // multiplies by 1e9 before it divides by 3, and that step overflows a 64-bit count.
+    using thirds = std::chrono::duration<long long, std::ratio<1, 3>>;
+    EXPECT_EQ(saturating_cast<nanoseconds>(thirds{20'000'000'000}), nanoseconds{6'666'666'666'666'666'666});
+    EXPECT_EQ(saturating_cast<nanoseconds>(thirds{-20'000'000'000}), nanoseconds{-6'666'666'666'666'666'666});
+    EXPECT_EQ(saturating_cast<nanoseconds>(thirds{28'000'000'000}), nanoseconds::max());
+    EXPECT_EQ(saturating_cast<nanoseconds>(thirds::max()), nanoseconds::max());
+    EXPECT_EQ(saturating_cast<nanoseconds>(thirds::min()), nanoseconds::min());
+    // Undefined behaviour would not be a constant expression.
+    static_assert(saturating_cast<nanoseconds>(thirds{20'000'000'000}) == nanoseconds{6'666'666'666'666'666'666});
+}

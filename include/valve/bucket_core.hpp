@@ -97,9 +97,10 @@ public:
     bucket_core(const bucket_core&) = delete;
     bucket_core& operator=(const bucket_core&) = delete;
 
-    /// Takes `n` tokens if the bucket holds them at `now`; returns whether it did.
-    /// `n == 0` always succeeds; `n > burst()` always fails (unless the rate is unlimited).
-    bool try_take(std::size_t n, time_point now) noexcept;
+    /// Takes `n` tokens if the bucket holds them at `now`, and `keep` more that must stay in it
+    /// (tokens promised to someone else); returns whether it did. `n == 0` always succeeds;
+    /// `n + keep > burst()` always fails (unless the rate is unlimited).
+    bool try_take(std::size_t n, time_point now, std::size_t keep = 0) noexcept;
 
     /// The earliest time at which `n` tokens could be taken, if `ahead` tokens were taken
     /// first and nobody else took any; `now` if at once. `time_point::max()` if never: the

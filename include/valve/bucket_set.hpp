@@ -25,13 +25,18 @@ void initiate_acquire_all(const std::shared_ptr<const bucket_set_state>& set, ac
 ///
 /// An acquisition takes `n` tokens from every bucket at one instant or from none. It waits its
 /// turn like any waiter: it holds a place in each bucket's queue, behind the waiters already
-/// queued there, and waiters that come later are planned behind its `n` tokens, so a stream of
-/// small waiters cannot starve it. Once its turn has come on every bucket it sleeps until the
-/// moment every bucket could give `n`, then takes from all; if another caller got there first
-/// (`try_acquire` does not queue), it gives back what it took and plans again. It takes nothing
-/// while it waits, and later waiters only leave its `n` tokens in each bucket, so a bucket goes
-/// on serving them while another bucket is slow. A change of rate or burst on any bucket
-/// re-plans it at once; `cancel()` or destruction of any bucket cancels it.
+/// queued there. Callers that come later leave its `n` tokens in each bucket: waiters are planned
+/// behind them, and `try_acquire` (of a bucket or of another set), or an `async_acquire` that
+/// finds tokens free, takes only tokens beyond them. So a stream of small callers, queued or
+/// taking tokens the moment they appear, cannot starve it: it waits at most for the callers
+/// queued ahead of it and its own `n`. Once its turn has come on every bucket it sleeps until the
+/// moment every bucket could give `n`, then takes from all; if another caller got there first (a
+/// `try_acquire` that read the bucket just before the place was taken), it gives back what it
+/// took and plans again. It takes nothing while it waits, so a bucket goes on serving others
+/// while another bucket is slow, but only with tokens beyond the `n` it keeps for the set: an
+/// acquisition of a bucket's whole burst pauses that bucket for later callers until it is
+/// served. A change of rate or burst on any bucket re-plans it at once; `cancel()` or destruction
+/// of any bucket cancels it.
 ///
 /// The buckets are shared, not owned: each may be used on its own and in other sets. Their
 /// queues stay alive as long as an acquisition needs them, and so does the set's own state:
@@ -54,8 +59,9 @@ public:
 
     executor_type get_executor() const noexcept;
 
-    /// Takes `n` tokens from every bucket if all have them now and none has a queued waiter;
-    /// otherwise takes nothing. Never blocks or throws.
+    /// Takes `n` tokens from every bucket if all have them now, beyond the tokens of places held
+    /// by waiting acquisitions, and none has a queued waiter; otherwise takes nothing. Never
+    /// blocks or throws.
     bool try_acquire(std::size_t n = 1) noexcept;
 
     /// Waits until `n` tokens can be taken from every bucket at once, and takes them.

@@ -34,7 +34,9 @@ const boost::asio::any_io_executor& executor_of(const bucket_impl& impl) noexcep
 ///
 /// `try_acquire` answers at once and never blocks (the HTTP 429 path); `async_acquire` waits for
 /// tokens on a `steady_timer`. Waiters are served first come, first served on a strand of the
-/// bucket's executor; a `try_acquire` never overtakes a queued waiter. Rate and burst can change
+/// bucket's executor; a `try_acquire` never overtakes a queued waiter, nor takes the tokens of a
+/// place held by a `bucket_set` acquisition (nor does an `async_acquire` that finds tokens free:
+/// it queues behind that place). Rate and burst can change
 /// while waiters are queued: they are re-planned at once.
 ///
 /// Thread safety: every member function may be called from any thread, concurrently.
@@ -66,7 +68,8 @@ public:
 
     executor_type get_executor() const noexcept;
 
-    /// Takes `n` tokens if they are there now and no waiter is queued; never blocks or throws.
+    /// Takes `n` tokens if they are there now, no waiter is queued, and the tokens of the places
+    /// held by `bucket_set` acquisitions stay in the bucket; never blocks or throws.
     /// `n == 0` always succeeds; `n > burst()` never does (unless the rate is unlimited).
     bool try_acquire(std::size_t n = 1) noexcept;
 

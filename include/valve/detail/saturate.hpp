@@ -7,6 +7,8 @@
 
 #include <chrono>
 #include <concepts>
+#include <limits>
+#include <ratio>
 #include <utility>
 
 namespace valve::detail {
@@ -15,6 +17,18 @@ namespace valve::detail {
 template <class To, class Rep, class Period>
 constexpr To saturating_cast(std::chrono::duration<Rep, Period> d) noexcept
 {
+    using to_rep = typename To::rep;
+    if constexpr (std::integral<Rep> && std::integral<to_rep> && sizeof(Rep) <= 8 && sizeof(to_rep) <= 8) {
+        // Exact, in 128 bits: `duration_cast` multiplies before it divides, and for a ratio that does
+        // not reduce (thirds of a second to nanoseconds) the product can overflow 64 bits although
+        // the quotient fits. A 64-bit count times a 64-bit numerator always fits in 128 bits.
+        __extension__ typedef __int128 wide;
+        using ratio = std::ratio_divide<Period, typename To::period>;
+        const wide q = static_cast<wide>(d.count()) * static_cast<wide>(ratio::num) / static_cast<wide>(ratio::den);
+        if (q >= static_cast<wide>(std::numeric_limits<to_rep>::max())) return To::max();
+        if (q <= static_cast<wide>(std::numeric_limits<to_rep>::min())) return To::min();
+        return To{static_cast<to_rep>(q)};
+    }
     using wide = std::chrono::duration<long double, typename To::period>;
     const wide w = std::chrono::duration_cast<wide>(d);
     if (w != w) return To::zero();
