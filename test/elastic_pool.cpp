@@ -249,8 +249,9 @@ namespace {
 
 // Set on a thread, it tells when that thread has ended (its thread_locals are destroyed last).
 struct exit_signal {
-    std::promise<void>* ended;
+    explicit exit_signal(std::promise<void>* e) : ended(e) {}
     ~exit_signal() { ended->set_value(); }
+    std::promise<void>* ended;
 };
 thread_local std::optional<exit_signal> at_thread_exit;
 
@@ -260,10 +261,11 @@ TEST(elastic_pool, its_executor_still_names_a_context_after_the_pool_is_destroye
 {
     auto pool = std::make_shared<elastic_pool>(2);
     auto ex = pool->get_executor();
+    const void* context = &pool->context();
     std::promise<bool> has_context;
-    asio::post(ex, [p = std::move(pool), ex, &has_context]() mutable {
+    asio::post(ex, [p = std::move(pool), ex, context, &has_context]() mutable {
         p.reset(); // the last owner: the pool is destroyed here, on its own thread
-        has_context.set_value(&asio::query(ex, asio::execution::context) != nullptr);
+        has_context.set_value(static_cast<const void*>(&asio::query(ex, asio::execution::context)) == context);
     });
     EXPECT_TRUE(has_context.get_future().get());
 }
