@@ -139,7 +139,11 @@ struct profile {
         std::chrono::steady_clock::time_point last_used;
     };
     std::unordered_map<std::string, user> users; // dedicated profiles
-    std::chrono::nanoseconds idle{0};            // dedicated profiles: the idle timeout in force
+    // Dedicated profiles: the idle timeout in force (zero for a shared profile: no eviction).
+    std::chrono::nanoseconds idle() const
+    {
+        return config.dedicated ? config.idle.value_or(default_idle_timeout) : std::chrono::nanoseconds{0};
+    }
     limiter_stats retired;                       // the counters of evicted limiters
 };
 
@@ -277,14 +281,15 @@ public:
         last_sweep = now;
         const auto before = dropped.size();
         for (auto& [name, p] : profiles) {
-            if (p->idle.count() == 0) continue;
+            const auto idle = p->idle();
+            if (idle.count() == 0) continue;
             for (auto it = p->users.begin(); it != p->users.end();) {
                 const auto& u = it->second;
                 // Only the manager holds it (no handle of it, nor of its queue through
                 // `for_user`), nothing is queued or running, it has rested, and its buckets
                 // are full again: dropping a drained one would give its user a fresh burst.
                 if (u.lim.use_count() == 1 && !u.lim->shared() && u.lim->queued() == 0 && u.lim->running() == 0
-                    && now - std::max(u.last_used, u.lim->stats().last_progress) >= p->idle
+                    && now - std::max(u.last_used, u.lim->stats().last_progress) >= idle
                     && u.lim->limits().full()) {
                     accumulate(p->retired, u.lim->stats()); // counters only grow
                     dropped.push_back(std::move(it->second.lim));
@@ -333,6 +338,16 @@ public:
         if (!home) return false;
         std::lock_guard lock{mutex};
         return std::any_of(profiles.begin(), profiles.end(), [&](const auto& p) { return p.second->home.get() == home; });
+    }
+
+    // Called with `mutex` held: the profile named `name`, or errc::unknown_profile for the call `where`.
+    profile& named(std::string_view name, const std::string& where) const
+    {
+        const auto found = profiles.find(name);
+        if (found == profiles.end())
+            throw_error(errc::unknown_profile,
+                        where + ": no profile \"" + std::string{name} + "\" is registered; register it first");
+        return *found->second;
     }
 
     std::vector<std::shared_ptr<limiter>> all_limiters()
@@ -450,11 +465,8 @@ void manager::register_profile(std::string name, detail::profile_config config)
         }
         p->shared_limiter = state_->make_limiter(*p, p->shared_limits);
     }
-    if (config.dedicated) {
-        p->idle = config.idle.value_or(default_idle_timeout);
-        state_->schedule_sweep(p->idle, config.idle.has_value());
-    }
     p->config = std::move(config);
+    if (p->config.dedicated) state_->schedule_sweep(p->idle(), p->config.idle.has_value());
     state_->profiles.emplace(std::move(name), std::move(p));
 }
 
@@ -469,11 +481,7 @@ std::shared_ptr<limiter> manager::get_limiter(std::string_view profile_name, std
     std::lock_guard lock{state_->mutex};
     if (state_->shutting_down)
         detail::throw_error(errc::shutting_down, where() + ": the manager is shutting down and hands out no limiters");
-    const auto found = state_->profiles.find(profile_name);
-    if (found == state_->profiles.end())
-        detail::throw_error(errc::unknown_profile, where() + ": no profile \"" + std::string{profile_name} +
-                                                       "\" is registered; register it first");
-    detail::profile& p = *found->second;
+    detail::profile& p = state_->named(profile_name, where());
     // Users of a shared profile share its queue, each under an id of its own so that they are
     // served round-robin; a handle is cheap and not kept (a million one-off users cost nothing).
     if (p.shared_limiter) return p.shared_limiter->for_user(std::hash<std::string_view>{}(user));
@@ -511,12 +519,7 @@ limiter_stats manager::stats(std::string_view profile_name) const
     limiter_stats sum;
     {
         std::lock_guard lock{state_->mutex};
-        const auto found = state_->profiles.find(profile_name);
-        if (found == state_->profiles.end())
-            detail::throw_error(errc::unknown_profile, "manager::stats(\"" + std::string{profile_name} +
-                                                           "\"): no profile \"" + std::string{profile_name} +
-                                                           "\" is registered; register it first");
-        const auto& p = *found->second;
+        const auto& p = state_->named(profile_name, "manager::stats(\"" + std::string{profile_name} + "\")");
         sum = p.retired;
         if (p.shared_limiter) limiters.push_back(p.shared_limiter);
         for (const auto& [user, u] : p.users) limiters.push_back(u.lim);
@@ -534,11 +537,7 @@ void manager::set_rate(std::string_view profile_name, rate r)
                                     "period, at most 8 tokens per nanosecond, or rate::unlimited()");
     auto primary = [](resource& res) -> token_bucket& { return static_cast<bucket_resource&>(res).primary(); };
     std::lock_guard lock{state_->mutex};
-    const auto found = state_->profiles.find(profile_name);
-    if (found == state_->profiles.end())
-        detail::throw_error(errc::unknown_profile,
-                            where + ": no profile \"" + std::string{profile_name} + "\" is registered; register it first");
-    auto& p = *found->second;
+    auto& p = state_->named(profile_name, where);
     // Checked against the profile's burst before anything changes: a rate its bucket cannot
     // take must not reach the users' limiters, nor the ones made later.
     detail::check_limit(r, p.shared_limits ? p.config.shared->burst : p.config.dedicated->burst, where);
@@ -582,12 +581,9 @@ std::size_t manager::thread_count(std::string_view profile_name) const
 std::optional<std::chrono::nanoseconds> manager::idle_timeout_of(std::string_view profile_name) const
 {
     std::lock_guard lock{state_->mutex};
-    const auto found = state_->profiles.find(profile_name);
-    if (found == state_->profiles.end())
-        detail::throw_error(errc::unknown_profile, "manager::idle_timeout_of: no profile \"" +
-                                                       std::string{profile_name} + "\" is registered");
-    if (found->second->shared_limiter) return std::nullopt;
-    return found->second->idle;
+    const auto& p = state_->named(profile_name, "manager::idle_timeout_of(\"" + std::string{profile_name} + "\")");
+    if (p.shared_limiter) return std::nullopt;
+    return p.idle();
 }
 
 void manager::start_shutdown(detail::acquire_handler handler, std::chrono::nanoseconds grace)
