@@ -309,11 +309,7 @@ void bucket_impl::fail_missed_deadlines()
 void bucket_impl::close()
 {
     closed_.store(true);
-    on_strand([](bucket_impl& b) {
-        b.finish_waiters(asio::error::operation_aborted);
-        b.pump(clock::now());
-    });
-    notify(true);
+    cancel_all();
 }
 
 void bucket_impl::watch(std::weak_ptr<bucket_watcher> w)
