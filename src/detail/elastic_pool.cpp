@@ -22,10 +22,7 @@ struct elastic_pool::state : std::enable_shared_from_this<state> {
     ~state()
     {
         // Only functions nobody ran (no thread could start for them): freed, not run.
-        while (head) {
-            op* o = std::exchange(head, head->next);
-            o->destroy();
-        }
+        while (op* o = pop()) o->destroy();
     }
 
     // Destroyed last, after the queued functions that may use its services.

@@ -155,18 +155,9 @@ public:
         : state_(std::move(other.state_)), tracked_(std::exchange(other.tracked_, false))
     {
     }
-    executor_type& operator=(const executor_type& other) noexcept
+    executor_type& operator=(executor_type other) noexcept // copy or move, then swap
     {
-        if (this != &other) {
-            executor_type copy{other};
-            swap(copy);
-        }
-        return *this;
-    }
-    executor_type& operator=(executor_type&& other) noexcept
-    {
-        executor_type moved{std::move(other)};
-        swap(moved);
+        swap(other);
         return *this;
     }
     ~executor_type()
