@@ -12,6 +12,7 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <optional>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -22,19 +23,17 @@ namespace valve::detail {
 
 namespace {
 
-// `Plain` (an io_context's or a thread_pool's executor type), tracking work or not, or a strand
-// of either: whether `ex` is one, and this thread runs it.
+// `Plain` (an io_context's, a thread_pool's or an elastic_pool's executor type), tracking work
+// or not, or a strand of either: whether this thread runs `ex`, if `ex` is one; empty if not.
 template <class Plain>
-bool runs(const asio::any_io_executor& ex, bool& known) noexcept
+std::optional<bool> runs(const asio::any_io_executor& ex) noexcept
 {
     using tracked = std::decay_t<decltype(asio::prefer(std::declval<Plain>(), asio::execution::outstanding_work.tracked))>;
-    known = true;
     if (const auto* e = ex.target<Plain>()) return e->running_in_this_thread();
     if (const auto* e = ex.target<tracked>()) return e->running_in_this_thread();
     if (const auto* s = ex.target<asio::strand<Plain>>()) return s->get_inner_executor().running_in_this_thread();
     if (const auto* s = ex.target<asio::strand<tracked>>()) return s->get_inner_executor().running_in_this_thread();
-    known = false;
-    return false;
+    return std::nullopt;
 }
 
 // Where references are let go: a pool made on first need and never destroyed, so that a release
@@ -61,16 +60,9 @@ struct release_op {
 
 bool running_in_this_thread(const asio::any_io_executor& ex) noexcept
 {
-    bool known = false;
-    const bool here = runs<asio::io_context::executor_type>(ex, known);
-    if (known) return here;
-    const bool pool = runs<asio::thread_pool::executor_type>(ex, known);
-    if (known) return pool;
-    // A manager's profile pool (its executor is one type, tracking work or not).
-    if (const auto* e = ex.target<elastic_pool::executor_type>()) return e->running_in_this_thread();
-    if (const auto* s = ex.target<asio::strand<elastic_pool::executor_type>>())
-        return s->get_inner_executor().running_in_this_thread();
-    return false;
+    if (const auto here = runs<asio::io_context::executor_type>(ex)) return *here;
+    if (const auto here = runs<asio::thread_pool::executor_type>(ex)) return *here;
+    return runs<elastic_pool::executor_type>(ex).value_or(false); // a manager's profile pool
 }
 
 bool inside_event_loop() noexcept { return asio::detail::thread_context::top_of_thread_call_stack() != nullptr; }
