@@ -100,7 +100,7 @@ public:
         for (std::size_t i = 0; i < buckets.size(); ++i) {
             buckets[i]->watch(weak_from_this());
             // The acquisition's place in each queue: waiters that come later line up behind it.
-            places_.push_back(buckets[i]->hold(n_, weak_from_this(), i));
+            places_.push_back(buckets[i]->hold(n_, weak_from_this()));
         }
         asio::post(strand_, [self = shared_from_this()] { self->step(); });
     }
@@ -113,7 +113,7 @@ public:
         });
     }
 
-    void turn_reached(std::size_t) override
+    void turn_reached() override
     {
         asio::post(strand_, [self = shared_from_this()] {
             ++self->turns_;

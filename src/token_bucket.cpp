@@ -129,12 +129,12 @@ bool bucket_impl::first_in_line(std::map<std::uint64_t, waiter>::iterator it) co
     return true;
 }
 
-std::uint64_t bucket_impl::hold(std::size_t n, std::weak_ptr<bucket_watcher> owner, std::size_t tag)
+std::uint64_t bucket_impl::hold(std::size_t n, std::weak_ptr<bucket_watcher> owner)
 {
     serving_state& s = serving();
     pending_tokens_.fetch_add(n, std::memory_order_relaxed);
     const std::uint64_t id = s.next_id.fetch_add(1, std::memory_order_relaxed);
-    waiter w{{}, {}, n, time_point::max(), std::move(owner), tag, true, false};
+    waiter w{{}, {}, n, time_point::max(), std::move(owner), true, false};
     asio::post(s.strand, [self = shared_from_this(), id, w = std::move(w)]() mutable {
         auto& queue = self->serving_if_made()->queue;
         const auto it = queue.emplace(id, std::move(w)).first;
@@ -196,7 +196,7 @@ void bucket_impl::pump(time_point cursor)
                 continue;
             }
             held += w.n;
-            if (!std::exchange(w.told, true)) owner->turn_reached(w.tag);
+            if (!std::exchange(w.told, true)) owner->turn_reached();
             ++it;
             continue;
         }

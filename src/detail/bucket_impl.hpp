@@ -37,8 +37,8 @@ std::chrono::nanoseconds backdate_limit(const rate& r) noexcept;
 class bucket_watcher {
 public:
     virtual void bucket_changed(bool cancelled) = 0;
-    /// The place `tag` (given to `bucket_impl::hold`) has reached the front of its queue.
-    virtual void turn_reached(std::size_t tag) = 0;
+    /// A place it holds (see `bucket_impl::hold`) has reached the front of its queue.
+    virtual void turn_reached() = 0;
 
 protected:
     ~bucket_watcher() = default;
@@ -75,9 +75,9 @@ public:
 
     /// Holds a place for `n` tokens at the back of the queue for `owner`, which takes the tokens
     /// itself (all or nothing with other buckets): waiters that come later are planned behind
-    /// those `n` tokens, and `owner->turn_reached(tag)` is called once the waiters ahead are
+    /// those `n` tokens, and `owner->turn_reached()` is called once the waiters ahead are
     /// served. Safe from any thread; returns the place's id, for `unhold`.
-    std::uint64_t hold(std::size_t n, std::weak_ptr<bucket_watcher> owner, std::size_t tag);
+    std::uint64_t hold(std::size_t n, std::weak_ptr<bucket_watcher> owner);
     /// Gives up a place taken by `hold` (the owner took its tokens, or stopped waiting).
     void unhold(std::uint64_t id);
 
@@ -98,7 +98,6 @@ private:
         time_point deadline;
         // A place held by a bucket_set acquisition (see `hold`): no handler; never served here.
         std::weak_ptr<bucket_watcher> holder = {};
-        std::size_t tag = 0;
         bool is_hold = false;
         bool told = false;
     };
