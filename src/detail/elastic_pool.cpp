@@ -199,9 +199,17 @@ void elastic_pool::run_thread(std::shared_ptr<state> sp, const void* self_ptr) n
         }
         if (!woken) break; // rested long enough: end
     }
-    // Leave the running list for the ended one, where the next post or `join` joins it.
     auto self = std::find_if(s.running.begin(), s.running.end(), [&](const std::thread& t) { return &t == self_ptr; });
-    s.ended.splice(s.ended.end(), s.running, self);
+    if (s.stopping) {
+        // Leave the running list for the ended one, where `join` joins it.
+        s.ended.splice(s.ended.end(), s.running, self);
+    } else {
+        // Rested long enough: nobody may ever post or join again (a pool never destroyed, such
+        // as valve's own release pool), so the thread ends on its own rather than wait to be
+        // joined; what it still uses of the state, its share keeps.
+        self->detach();
+        s.running.erase(self);
+    }
     if (s.running.empty()) s.settled.notify_all();
     current_pool_state = nullptr;
 }
