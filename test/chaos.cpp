@@ -152,8 +152,11 @@ public:
                                valve::worker_pool(2, 64));
         mgr_->register_profile("waits", valve::shared_resource("waits-key", rate::per_second(100000), 16),
                                valve::worker_pool(1, 8), valve::on_queue_full(valve::queue_full_policy::wait));
+        // A second limit makes each user's resource a bucket_set: its acquisitions hold places
+        // in both buckets' queues while tasks and cancellations race them.
         mgr_->register_profile("dedicated", valve::dedicated_resource(rate::per_second(50000), 8),
-                               valve::worker_pool(2, 16), valve::idle_timeout(1ms));
+                               valve::also_limit(rate::per_second(40000), 8), valve::worker_pool(2, 16),
+                               valve::idle_timeout(1ms));
 
         std::mt19937_64 rng{setup_.seed};
         for (int c = 0; c < setup_.coroutines; ++c) {
