@@ -34,6 +34,12 @@ public:
             return "the operation did not complete in the time allowed";
         case errc::overloaded:
             return "the upstream is overloaded: slow down and retry later";
+        case errc::store_unavailable:
+            return "the store holding the shared limit (Redis) is unreachable or did not answer in time: "
+                   "check that it runs and that the URL is right";
+        case errc::store_error:
+            return "the store holding the shared limit (Redis) refused the command: "
+                   "check the password, database and permissions in the URL";
         }
         return "unknown valve error";
     }

@@ -69,6 +69,14 @@ void apply(profile_config& c, worker_pool_option o) { set_once(c.pool, o, c, "wo
 void apply(profile_config& c, on_queue_full_option o) { set_once(c.policy, o.policy, c, "on_queue_full"); }
 void apply(profile_config& c, idle_timeout_option o) { set_once(c.idle, o.timeout, c, "idle_timeout"); }
 void apply(profile_config& c, run_on_option o) { set_once(c.executor, std::move(o.executor), c, "run_on"); }
+void apply(profile_config& c, stored_in_option o)
+{
+    if (c.stored_in) c.errors.push_back("stored_in given twice");
+    if (!o.where) c.errors.push_back("stored_in(...) was given no store");
+    c.stored_in = std::move(o.where);
+}
+void apply(profile_config& c, on_store_failure_option o) { set_once(c.on_failure, o.policy, c, "on_store_failure"); }
+void apply(profile_config& c, instances_option o) { set_once(c.instances, o.count, c, "instances"); }
 
 // The thread of a `manager{}`: an io_context that one thread of its own runs while it is
 // kept. `drain` runs what is left there to the end (the manager's destructor waits so for the
@@ -233,8 +241,15 @@ public:
         return std::make_shared<limiter>(p.home, std::move(limits), p.options);
     }
 
-    std::shared_ptr<resource> make_resource(const rate& r, std::size_t burst, const profile_config& c)
+    std::shared_ptr<resource> make_resource(const rate& r, std::size_t burst, const profile_config& c,
+                                            const std::string& name)
     {
+        if (c.stored_in) {
+            store_request req{name, {{r, burst}}, c.on_failure.value_or(store_failure::fail_closed),
+                              c.instances.value_or(1)};
+            for (const auto& a : c.also) req.limits.push_back({a.limit, a.burst});
+            return c.stored_in->make_resource(req);
+        }
         auto res = std::make_shared<bucket_resource>(executor, r, burst);
         for (const auto& a : c.also) res->also_limit(a.limit, a.burst);
         return res;
@@ -429,6 +444,12 @@ void manager::register_profile(std::string name, detail::profile_config config)
     if (config.dedicated)
         detail::check_limit(config.dedicated->limit, config.dedicated->burst, where + ": dedicated_resource");
     for (const auto& a : config.also) detail::check_limit(a.limit, a.burst, where + ": also_limit");
+    if (!config.stored_in && (config.on_failure || config.instances))
+        throw_error(errc::invalid_argument, where + ": on_store_failure and instances apply to limits kept in a "
+                                                    "store; add stored_in(...) or remove them");
+    if (config.instances && *config.instances == 0)
+        throw_error(errc::invalid_argument, where + ": instances(0); give the number of processes sharing the "
+                                                    "limit, at least 1");
 
     std::lock_guard lock{state_->mutex};
     if (state_->shutting_down)
@@ -460,7 +481,7 @@ void manager::register_profile(std::string name, detail::profile_config config)
                                 "; give the same limits and no also_limit to share it, or use another key");
             p->shared_limits = found->second.second;
         } else {
-            p->shared_limits = state_->make_resource(config.shared->limit, config.shared->burst, config);
+            p->shared_limits = state_->make_resource(config.shared->limit, config.shared->burst, config, key);
             state_->resources.emplace(key, std::make_pair(*config.shared, p->shared_limits));
         }
         p->shared_limiter = state_->make_limiter(*p, p->shared_limits);
@@ -491,7 +512,10 @@ std::shared_ptr<limiter> manager::get_limiter(std::string_view profile_name, std
     auto& u = p.users[std::string(user)];
     if (!u.lim) {
         const auto& d = *p.config.dedicated;
-        u.lim = state_->make_limiter(p, state_->make_resource(d.limit, d.burst, p.config));
+        // A stored limit is kept per user under the profile's name and the user's: the same
+        // user of the same profile is one limit in every process.
+        u.lim = state_->make_limiter(p, state_->make_resource(d.limit, d.burst, p.config,
+                                                              p.name + "/" + std::string(user)));
         // Its user's cancel() aborts the user's queued tasks; closing it (and so dropping the
         // limit it keeps) is the manager's business, as for a shared profile.
         detail::hand_to_user(*u.lim);
@@ -535,18 +559,17 @@ void manager::set_rate(std::string_view profile_name, rate r)
         detail::throw_error(errc::invalid_argument,
                             where + ": not a usable rate; give a finite, non-negative count over a positive "
                                     "period, at most 8 tokens per nanosecond, or rate::unlimited()");
-    auto primary = [](resource& res) -> token_bucket& { return static_cast<bucket_resource&>(res).primary(); };
     std::lock_guard lock{state_->mutex};
     auto& p = state_->named(profile_name, where);
     // Checked against the profile's burst before anything changes: a rate its bucket cannot
     // take must not reach the users' limiters, nor the ones made later.
     detail::check_limit(r, p.shared_limits ? p.config.shared->burst : p.config.dedicated->burst, where);
     if (p.shared_limits) {
-        primary(*p.shared_limits).set_rate(r);
+        p.shared_limits->set_rate(r);
         return;
     }
     p.config.dedicated->limit = r;
-    for (auto& [user, u] : p.users) primary(u.lim->limits()).set_rate(r);
+    for (auto& [user, u] : p.users) u.lim->limits().set_rate(r);
 }
 
 void manager::warn_on_stall(std::chrono::nanoseconds after)

@@ -1,6 +1,7 @@
 #include <valve/resource.hpp>
 
 #include <valve/bucket_set.hpp>
+#include <valve/error.hpp>
 
 #include <algorithm>
 
@@ -60,5 +61,14 @@ bool bucket_resource::full() const
     auto is_full = [](const token_bucket& b) { return b.available() >= static_cast<double>(b.burst()); };
     return is_full(primary_) && std::all_of(more_.begin(), more_.end(), is_full);
 }
+
+void resource::set_rate(rate r)
+{
+    detail::throw_error(errc::invalid_argument,
+                        "valve: resource::set_rate(" + to_string(r) + "): this resource's rate is fixed; "
+                        "make a new one with the rate you want");
+}
+
+void bucket_resource::set_rate(rate r) { primary_.set_rate(r); }
 
 } // namespace valve

@@ -19,7 +19,7 @@ TEST(error, every_code_has_a_message_that_says_what_to_do)
     using valve::errc;
     for (errc e : {errc::invalid_argument, errc::exceeds_burst, errc::would_exceed_deadline, errc::queue_full,
                    errc::shutting_down, errc::unknown_profile, errc::duplicate_profile, errc::timed_out,
-                   errc::overloaded}) {
+                   errc::overloaded, errc::store_unavailable, errc::store_error}) {
         const std::string m = make_error_code(e).message();
         EXPECT_GT(m.size(), 20u) << static_cast<int>(e);
         EXPECT_NE(m, "unknown valve error") << static_cast<int>(e);

@@ -31,6 +31,11 @@ enum class errc {
     /// The upstream said it is overloaded (an HTTP 429 or 503, say): an adaptive rate lowers
     /// itself when a task reports this.
     overloaded,
+    /// The store holding a shared limit (Redis) cannot be reached, did not answer in time, or is
+    /// failing fast after such a failure; under `store_failure::fail_closed` the work is refused.
+    store_unavailable,
+    /// The store answered with an error: a wrong password, an unknown database, a script error.
+    store_error,
 };
 
 /// The category of valve's error codes; its `name()` is "valve".

@@ -4,6 +4,7 @@
 #include <valve/detail/saturate.hpp>
 #include <valve/limiter.hpp>
 #include <valve/rate.hpp>
+#include <valve/store.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/async_result.hpp>
@@ -101,6 +102,9 @@ struct profile_config {
     std::optional<queue_full_policy> policy;
     std::optional<std::chrono::nanoseconds> idle;
     std::optional<boost::asio::any_io_executor> executor;
+    std::shared_ptr<store> stored_in;
+    std::optional<store_failure> on_failure;
+    std::optional<std::size_t> instances;
     std::vector<std::string> errors; // options given twice, in words
 };
 
@@ -111,6 +115,9 @@ void apply(profile_config& c, worker_pool_option o);
 void apply(profile_config& c, on_queue_full_option o);
 void apply(profile_config& c, idle_timeout_option o);
 void apply(profile_config& c, run_on_option o);
+void apply(profile_config& c, stored_in_option o);
+void apply(profile_config& c, on_store_failure_option o);
+void apply(profile_config& c, instances_option o);
 
 class manager_state;
 

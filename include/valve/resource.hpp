@@ -53,6 +53,11 @@ public:
     /// eviction never hands its user a fresh burst. The default answers `false` (cannot tell:
     /// the limiter is kept).
     virtual bool full() const { return false; }
+
+    /// Changes the rate of the first limit (a profile's own, not its `also_limit`s), keeping
+    /// the tokens accrued so far. The default throws `valve::error` (`errc::invalid_argument`):
+    /// the resource's rate is fixed.
+    virtual void set_rate(rate r);
 };
 
 /// A resource made of in-process token buckets, taken from all or none: a rate and burst, plus
@@ -77,6 +82,8 @@ public:
     /// Every bucket, the `also_limit`s included, holds its burst (always, for an unlimited rate;
     /// for a zero rate, only until its first token is taken).
     bool full() const override;
+    /// Changes the first bucket's rate (as `primary().set_rate(r)`).
+    void set_rate(rate r) override;
 
 private:
     token_bucket primary_;             // held in place: one allocation less per dedicated limiter

@@ -1,0 +1,81 @@
+#ifndef VALVE_STORE_HPP
+#define VALVE_STORE_HPP
+
+#include <valve/rate.hpp>
+
+#include <cstddef>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace valve {
+
+class resource;
+
+/// What a limit held in a store (Redis) does while the store cannot be reached or answered
+/// too late: the switch is made at once, and undone when the store is back.
+enum class store_failure {
+    /// Refuse: acquisitions fail with `errc::store_unavailable` (the default: an upstream's
+    /// key is never overrun).
+    fail_closed,
+    /// Limit locally, at `rate / instances` (see `instances`): the fleet as a whole stays near
+    /// its limit if it has about that many processes.
+    fail_local,
+    /// No limit until the store is back.
+    fail_open,
+};
+
+/// One limit of a resource held in a store.
+struct store_limit {
+    rate limit;
+    std::size_t burst = 1;
+};
+
+/// What a profile (or a user) asks of a store: one resource named `name`, taken all or
+/// nothing over `limits` (the first is the profile's own, the rest its `also_limit`s).
+struct store_request {
+    std::string name;
+    std::vector<store_limit> limits;
+    store_failure on_failure = store_failure::fail_closed;
+    /// Processes expected to share the limits: `fail_local` limits each to `rate / instances`.
+    std::size_t instances = 1;
+};
+
+/// Where limits shared by many processes are kept: a seam between valve's core and a store
+/// such as Redis (`valve::redis_connection`, in the `valve::redis` library). The core never
+/// depends on a particular store.
+///
+/// Thread safety: `make_resource` may be called from any thread.
+class store {
+public:
+    virtual ~store() = default;
+
+    /// A resource whose limits live in the store under `request.name`. Throws `valve::error`
+    /// (`errc::invalid_argument`) for limits the store cannot hold.
+    virtual std::shared_ptr<resource> make_resource(const store_request& request) = 0;
+};
+
+/// Profile option: every limit of the profile lives in `where` (made by the store's own
+/// `stored_in`, e.g. `valve::stored_in(redis)`): a shared profile's key is one limit for every
+/// process that registers it; a dedicated profile keeps one key per user.
+struct stored_in_option {
+    std::shared_ptr<store> where;
+};
+
+/// Profile option: what the profile's stored limits do while the store fails (default
+/// `store_failure::fail_closed`).
+struct on_store_failure_option {
+    store_failure policy;
+};
+inline on_store_failure_option on_store_failure(store_failure p) { return {p}; }
+
+/// Profile option: how many processes are expected to share the stored limits (default 1);
+/// `store_failure::fail_local` limits each process to `rate / count` meanwhile.
+struct instances_option {
+    std::size_t count;
+};
+inline instances_option instances(std::size_t count) { return {count}; }
+
+} // namespace valve
+
+#endif

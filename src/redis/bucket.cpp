@@ -1,0 +1,473 @@
+#include "connection.hpp"
+#include "gcra.hpp"
+
+#include "../detail/cancellation.hpp"
+
+#include <valve/error.hpp>
+#include <valve/log.hpp>
+#include <valve/redis.hpp>
+
+#include <boost/asio/append.hpp>
+#include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <list>
+#include <mutex>
+#include <utility>
+
+namespace valve {
+
+namespace asio = boost::asio;
+using boost::system::error_code;
+
+namespace detail {
+
+/// Limits held in Redis: the resource behind `redis_bucket` and behind every profile
+/// `stored_in(redis)`.
+///
+/// Local waiters queue first come, first served. One script call is in flight at a time: it
+/// gives back the tokens of cancelled slots and reserves slots for up to `batch` queued
+/// waiters; each then sleeps until its slot on one timer (the earliest slot's). When the
+/// connection fails, waiters still without a slot are settled by the failure policy at once.
+///
+/// Thread safety: every member may be called from any thread; state is under `mutex_`, and
+/// nothing waits or completes a handler inline while holding it (completions are posted).
+class redis_limits final : public resource, public std::enable_shared_from_this<redis_limits> {
+public:
+    redis_limits(std::shared_ptr<redis_connection_impl> conn, std::vector<gcra_limit> limits,
+                 std::vector<store_limit> given, store_failure policy, std::size_t instances, std::size_t batch)
+        : conn_(std::move(conn)),
+          limits_(std::move(limits)),
+          given_(std::move(given)),
+          policy_(policy),
+          instances_(instances),
+          batch_(batch),
+          timer_(conn_->executor())
+    {
+        if (policy_ == store_failure::fail_local) make_fallback();
+    }
+
+    ~redis_limits() override { close(); }
+
+    asio::any_io_executor get_executor() const { return conn_->executor(); }
+
+    bool try_acquire(std::size_t n) override
+    {
+        if (n == 0) return true;
+        if (conn_->failing()) {
+            switch (policy_) {
+            case store_failure::fail_open:
+                return true;
+            case store_failure::fail_local:
+                return fallback_->try_acquire(n);
+            case store_failure::fail_closed:
+                return false;
+            }
+        }
+        return false; // no I/O here: only Redis grants tokens
+    }
+
+    void async_acquire(std::size_t n, acquire_handler h) override { start(n, time_point::max(), std::move(h)); }
+
+    void start(std::size_t n, time_point deadline, acquire_handler h)
+    {
+        if (std::any_of(given_.begin(), given_.end(), [&](const store_limit& l) { return n > l.burst; }))
+            return post(std::move(h), errc::exceeds_burst);
+        if (n == 0) return post(std::move(h), {});
+        std::unique_lock lock{mutex_};
+        if (closed_) return post(std::move(h), asio::error::operation_aborted);
+        if (conn_->failing()) {
+            lock.unlock();
+            return settle(std::move(h), n, errc::store_unavailable);
+        }
+        const std::uint64_t id = ++next_id_;
+        auto slot = asio::get_associated_cancellation_slot(h);
+        if (slot.is_connected()) slot.template emplace<cancel_handler>(weak_from_this(), id);
+        queue_.push_back(waiter{std::move(h), n, deadline, id});
+        kick(lock);
+    }
+
+    time_point next_available(std::size_t n) const override
+    {
+        std::lock_guard lock{mutex_};
+        const auto now = clock::now();
+        std::size_t ahead = 0;
+        for (const auto& w : queue_) ahead += w.n;
+        for (const auto& w : asking_) ahead += w.n;
+        const double have = tokens_at(now) - static_cast<double>(ahead) - static_cast<double>(n);
+        if (have >= 0) {
+            if (slotted_.empty()) return now;
+            return std::max(now, slotted_.back().ready);
+        }
+        const auto gap = std::chrono::nanoseconds(static_cast<std::int64_t>(-have * interval_ns()));
+        return now + gap;
+    }
+
+    void release(std::size_t n) override
+    {
+        if (n == 0) return;
+        std::unique_lock lock{mutex_};
+        give_back_ += n;
+        kick(lock);
+    }
+
+    double available() const override
+    {
+        std::lock_guard lock{mutex_};
+        return tokens_at(clock::now());
+    }
+
+    bool full() const override
+    {
+        // The limit lives in Redis: dropping this local face loses nothing while it has no waiter.
+        std::lock_guard lock{mutex_};
+        return queue_.empty() && asking_.empty() && slotted_.empty() && !in_flight_ && give_back_ == 0;
+    }
+
+    void set_rate(rate r) override
+    {
+        const auto interval = gcra_interval_of(r, given_.front().burst, "redis_bucket::set_rate");
+        std::lock_guard lock{mutex_};
+        limits_.front().interval = interval;
+        given_.front().limit = r;
+        if (fallback_) fallback_->set_rate(local_rate(r));
+    }
+
+    redis_bucket_stats stats() const noexcept
+    {
+        return {calls_.load(), granted_.load(), given_back_.load(), store_failures_.load()};
+    }
+
+    /// Aborts every local waiter and gives their slots back.
+    void close()
+    {
+        std::vector<waiter> done;
+        std::uint64_t give = 0;
+        {
+            std::lock_guard lock{mutex_};
+            if (closed_) return;
+            closed_ = true;
+            timer_.cancel();
+            for (auto* list : {&queue_, &slotted_}) {
+                for (auto& w : *list) {
+                    if (list == &slotted_) give += w.n;
+                    done.push_back(std::move(w));
+                }
+                list->clear();
+            }
+            for (auto& w : asking_)
+                if (w.handler) done.push_back(std::move(w));
+            give += give_back_;
+            give_back_ = 0;
+        }
+        for (auto& w : done) post(std::move(w.handler), asio::error::operation_aborted);
+        if (give > 0) {
+            given_back_.fetch_add(give, std::memory_order_relaxed);
+            conn_->exec(gcra_args(limits_, give, {}), &gcra_script(),
+                        redis_exec_handler([](error_code, redis_reply) {}));
+        }
+    }
+
+private:
+    struct waiter {
+        acquire_handler handler; // empty once completed (a cancelled waiter whose slot is asked for)
+        std::size_t n = 1;
+        time_point deadline = time_point::max();
+        std::uint64_t id = 0;
+        time_point ready{};
+    };
+
+    struct cancel_handler {
+        cancel_handler(std::weak_ptr<redis_limits> s, std::uint64_t i) : self(std::move(s)), id(i) {}
+        std::weak_ptr<redis_limits> self;
+        std::uint64_t id;
+        void operator()(asio::cancellation_type type) const
+        {
+            if (!cancels_waiting(type)) return;
+            if (auto s = self.lock()) s->cancel(id);
+        }
+    };
+
+    void post(acquire_handler h, error_code ec) const
+    {
+        asio::post(conn_->executor(), asio::append(std::move(h), ec));
+    }
+
+    rate local_rate(const rate& r) const
+    {
+        return rate::per(r.count() / static_cast<double>(instances_), r.period());
+    }
+
+    void make_fallback()
+    {
+        const auto burst = [&](std::size_t b) { return std::max<std::size_t>(1, b / instances_); };
+        fallback_ = std::make_unique<bucket_resource>(conn_->executor(), local_rate(given_.front().limit),
+                                                      burst(given_.front().burst));
+        for (std::size_t i = 1; i < given_.size(); ++i)
+            fallback_->also_limit(local_rate(given_[i].limit), burst(given_[i].burst));
+    }
+
+    double interval_ns() const
+    {
+        const auto& i = limits_.front().interval;
+        return (static_cast<double>(i.q) + static_cast<double>(i.r) / static_cast<double>(i.d)) * 1000.0;
+    }
+
+    // Estimated tokens of the first limit at `now`, from the last reply (under the lock).
+    double tokens_at(time_point now) const
+    {
+        const double burst = static_cast<double>(given_.front().burst);
+        if (!last_reply_) return burst;
+        const double free_ns =
+            static_cast<double>(last_free_us_) * 1000.0 + static_cast<double>((now - *last_reply_).count());
+        return std::min(burst, free_ns / interval_ns());
+    }
+
+    // Settles an acquisition the store could not decide, by the policy (no lock held).
+    void settle(acquire_handler h, std::size_t n, error_code ec)
+    {
+        store_failures_.fetch_add(1, std::memory_order_relaxed);
+        switch (policy_) {
+        case store_failure::fail_open:
+            return post(std::move(h), {});
+        case store_failure::fail_local:
+            return fallback_->async_acquire(n, std::move(h));
+        case store_failure::fail_closed:
+            return post(std::move(h), ec);
+        }
+    }
+
+    void cancel(std::uint64_t id)
+    {
+        std::unique_lock lock{mutex_};
+        const auto match = [id](const waiter& w) { return w.id == id; };
+        if (auto it = std::find_if(queue_.begin(), queue_.end(), match); it != queue_.end()) {
+            auto h = std::move(it->handler);
+            queue_.erase(it);
+            lock.unlock();
+            return post(std::move(h), asio::error::operation_aborted);
+        }
+        if (auto it = std::find_if(asking_.begin(), asking_.end(), match); it != asking_.end()) {
+            if (!it->handler) return;
+            auto h = std::move(it->handler); // leaves it empty: its slot, if granted, is given back on the reply
+            lock.unlock();
+            return post(std::move(h), asio::error::operation_aborted);
+        }
+        if (auto it = std::find_if(slotted_.begin(), slotted_.end(), match); it != slotted_.end()) {
+            auto h = std::move(it->handler);
+            give_back_ += it->n;
+            slotted_.erase(it);
+            kick(lock);
+            lock.unlock();
+            return post(std::move(h), asio::error::operation_aborted);
+        }
+    }
+
+    // Sends the next script call if none is in flight and there is something to ask or give
+    // back (under the lock, which it keeps).
+    void kick(std::unique_lock<std::mutex>&)
+    {
+        if (in_flight_ || closed_) return;
+        if (queue_.empty() && give_back_ == 0) return;
+        const auto now = clock::now();
+        std::vector<gcra_ask> asks;
+        while (!queue_.empty() && asks.size() < batch_) {
+            auto& w = queue_.front();
+            std::int64_t max_wait = gcra_no_deadline;
+            if (w.deadline != time_point::max())
+                max_wait = std::chrono::duration_cast<std::chrono::microseconds>(w.deadline - now).count();
+            asks.push_back({w.n, max_wait});
+            asking_.splice(asking_.end(), queue_, queue_.begin());
+        }
+        const std::uint64_t give = give_back_;
+        give_back_ = 0;
+        if (give > 0) given_back_.fetch_add(give, std::memory_order_relaxed);
+        in_flight_ = true;
+        calls_.fetch_add(1, std::memory_order_relaxed);
+        conn_->exec(gcra_args(limits_, give, asks), &gcra_script(),
+                    redis_exec_handler([self = shared_from_this(), count = asks.size()](error_code ec, redis_reply r) {
+                        self->on_reply(ec, r, count);
+                    }));
+    }
+
+    void on_reply(error_code ec, const redis_reply& reply, std::size_t count)
+    {
+        std::vector<std::pair<acquire_handler, error_code>> done;
+        std::vector<waiter> unsettled;
+        error_code failure;
+        {
+            std::unique_lock lock{mutex_};
+            in_flight_ = false;
+            const auto now = clock::now();
+            auto result = ec ? std::nullopt : gcra_parse(reply, count);
+            if (!result) {
+                failure = ec ? ec : error_code{errc::store_error};
+                if (!ec && !logged_script_error_) {
+                    logged_script_error_ = true;
+                    if (auto l = logger(); l->should_log(spdlog::level::err))
+                        l->error("valve: redis {}: valve's script failed: {}", conn_->where(),
+                                 reply.type == redis_reply::kind::error ? reply.str : "a reply of another shape");
+                }
+                // Their fate in Redis is unknown: what they may have taken stays taken.
+                for (auto& w : asking_)
+                    if (w.handler) unsettled.push_back(std::move(w));
+                asking_.clear();
+                if (ec) { // the connection is down: every queued waiter would fail the same way
+                    for (auto& w : queue_) unsettled.push_back(std::move(w));
+                    queue_.clear();
+                }
+            } else {
+                last_free_us_ = result->free_us;
+                last_reply_ = now;
+                std::size_t i = 0;
+                for (auto& w : asking_) {
+                    const std::int64_t wait = result->waits[i++];
+                    if (!w.handler) { // cancelled while asked for
+                        if (wait >= 0) give_back_ += w.n;
+                        continue;
+                    }
+                    if (wait < 0) {
+                        done.emplace_back(std::move(w.handler), errc::would_exceed_deadline);
+                        continue;
+                    }
+                    granted_.fetch_add(1, std::memory_order_relaxed);
+                    if (wait == 0) {
+                        done.emplace_back(std::move(w.handler), error_code{});
+                        continue;
+                    }
+                    w.ready = now + std::chrono::microseconds(wait);
+                    auto at = std::find_if(slotted_.begin(), slotted_.end(),
+                                           [&](const waiter& s) { return s.ready > w.ready; });
+                    slotted_.insert(at, std::move(w));
+                }
+                asking_.clear();
+                arm(lock);
+            }
+            if (!closed_) {
+                kick(lock);
+            } else if (give_back_ > 0) { // slots granted after close() to waiters it aborted
+                given_back_.fetch_add(give_back_, std::memory_order_relaxed);
+                conn_->exec(gcra_args(limits_, std::exchange(give_back_, 0), {}), &gcra_script(),
+                            redis_exec_handler([](error_code, redis_reply) {}));
+            }
+        }
+        for (auto& [h, e] : done) post(std::move(h), e);
+        for (auto& w : unsettled) settle(std::move(w.handler), w.n, failure);
+    }
+
+    // Arms the timer for the earliest slot (under the lock).
+    void arm(std::unique_lock<std::mutex>&)
+    {
+        if (slotted_.empty()) return;
+        const auto at = slotted_.front().ready;
+        if (armed_ && *armed_ <= at) return;
+        armed_ = at;
+        timer_.expires_at(at);
+        timer_.async_wait([weak = weak_from_this()](const error_code& ec) {
+            if (ec) return;
+            if (auto self = weak.lock()) self->on_timer();
+        });
+    }
+
+    void on_timer()
+    {
+        std::vector<acquire_handler> due;
+        {
+            std::unique_lock lock{mutex_};
+            armed_.reset();
+            const auto now = clock::now();
+            while (!slotted_.empty() && slotted_.front().ready <= now) {
+                due.push_back(std::move(slotted_.front().handler));
+                slotted_.pop_front();
+            }
+            arm(lock);
+        }
+        for (auto& h : due) post(std::move(h), {});
+    }
+
+    std::shared_ptr<redis_connection_impl> conn_;
+    std::vector<gcra_limit> limits_;
+    std::vector<store_limit> given_;
+    store_failure policy_;
+    std::size_t instances_;
+    std::size_t batch_;
+    std::unique_ptr<bucket_resource> fallback_; // fail_local
+
+    mutable std::mutex mutex_;
+    std::list<waiter> queue_;   // not yet asked for
+    std::list<waiter> asking_;  // in the script call in flight
+    std::list<waiter> slotted_; // granted, asleep until `ready`, earliest first
+    asio::steady_timer timer_;  // for slotted_.front()
+    std::optional<time_point> armed_;
+    bool in_flight_ = false;
+    bool closed_ = false;
+    bool logged_script_error_ = false;
+    std::uint64_t give_back_ = 0;
+    std::uint64_t next_id_ = 0;
+    std::int64_t last_free_us_ = 0;
+    std::optional<time_point> last_reply_;
+
+    std::atomic<std::uint64_t> calls_{0}, granted_{0}, given_back_{0}, store_failures_{0};
+};
+
+namespace {
+
+std::shared_ptr<redis_limits> make_limits(const std::shared_ptr<redis_connection_impl>& conn, const std::string& name,
+                                          const std::vector<store_limit>& limits, store_failure policy,
+                                          std::size_t instances, std::size_t batch, const std::string& where)
+{
+    if (name.empty()) throw_error(errc::invalid_argument, where + ": the key is empty; give the limit a name");
+    if (limits.empty()) throw_error(errc::invalid_argument, where + ": no limit given");
+    if (instances == 0)
+        throw_error(errc::invalid_argument, where + ": instances is 0; give the number of processes, at least 1");
+    if (batch == 0) throw_error(errc::invalid_argument, where + ": batch is 0; give at least 1");
+    std::vector<gcra_limit> keyed;
+    for (std::size_t i = 0; i < limits.size(); ++i)
+        keyed.push_back({"valve:{" + name + "}:" + std::to_string(i),
+                         gcra_interval_of(limits[i].limit, limits[i].burst, where), limits[i].burst});
+    return std::make_shared<redis_limits>(conn, std::move(keyed), limits, policy, instances, batch);
+}
+
+} // namespace
+
+std::shared_ptr<resource> redis_connection_impl::make_resource(const store_request& request)
+{
+    return make_limits(shared_from_this(), request.name, request.limits, request.on_failure, request.instances, 64,
+                       "valve: stored_in(" + url_.shown + ") for \"" + request.name + "\"");
+}
+
+} // namespace detail
+
+redis_bucket::redis_bucket(redis_connection& redis, std::string key, rate r, std::size_t burst,
+                           redis_bucket_options options)
+    : impl_(detail::make_limits(redis.impl_, key, {{r, burst}}, options.on_failure, options.instances, options.batch,
+                                "valve: redis_bucket(\"" + key + "\")"))
+{
+}
+
+redis_bucket::~redis_bucket() { impl_->close(); }
+
+redis_bucket::executor_type redis_bucket::get_executor() const noexcept { return impl_->get_executor(); }
+
+void redis_bucket::start_acquire(detail::redis_limits& impl, std::size_t n, time_point deadline,
+                                 detail::acquire_handler h)
+{
+    impl.start(n, deadline, std::move(h));
+}
+
+bool redis_bucket::try_acquire(std::size_t n) { return impl_->try_acquire(n); }
+void redis_bucket::async_acquire(std::size_t n, detail::acquire_handler handler)
+{
+    impl_->async_acquire(n, std::move(handler));
+}
+redis_bucket::time_point redis_bucket::next_available(std::size_t n) const { return impl_->next_available(n); }
+void redis_bucket::release(std::size_t n) { impl_->release(n); }
+double redis_bucket::available() const { return impl_->available(); }
+void redis_bucket::set_rate(rate r) { impl_->set_rate(r); }
+redis_bucket_stats redis_bucket::stats() const noexcept { return impl_->stats(); }
+
+} // namespace valve

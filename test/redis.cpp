@@ -1,0 +1,747 @@
+// valve's limits held in Redis, against a real redis-server that each test starts and stops.
+#include <valve/redis.hpp>
+
+#include "redis/gcra.hpp"
+#include "redis_server.hpp"
+
+#include <valve/bucket_core.hpp>
+#include <valve/error.hpp>
+#include <valve/manager.hpp>
+
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/use_future.hpp>
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <future>
+#include <mutex>
+#include <random>
+#include <thread>
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+using boost::system::error_code;
+using valve::redis_reply;
+using valve::test::redis_server;
+
+namespace {
+
+/// An io_context run by one thread for the length of a test.
+struct running_context {
+    asio::io_context ioc;
+    asio::executor_work_guard<asio::io_context::executor_type> guard{ioc.get_executor()};
+    std::thread thread{[this] { ioc.run(); }};
+    ~running_context()
+    {
+        guard.reset();
+        ioc.stop();
+        thread.join();
+    }
+};
+
+redis_reply exec(valve::redis_connection& c, std::vector<std::string> cmd, error_code* ec_out = nullptr)
+{
+    std::promise<std::pair<error_code, redis_reply>> p;
+    auto f = p.get_future();
+    c.async_exec(std::move(cmd), [&p](error_code ec, redis_reply r) { p.set_value({ec, std::move(r)}); });
+    if (f.wait_for(10s) != std::future_status::ready) {
+        ADD_FAILURE() << "no reply within 10 s";
+        return {};
+    }
+    auto [ec, r] = f.get();
+    if (ec_out) *ec_out = ec;
+    else EXPECT_FALSE(ec) << ec.message();
+    return r;
+}
+
+error_code connect(valve::redis_connection& c)
+{
+    auto f = c.async_connect(asio::use_future(
+        [](error_code ec) { return ec; }));
+    if (f.wait_for(10s) != std::future_status::ready) {
+        ADD_FAILURE() << "async_connect did not complete within 10 s";
+        return asio::error::timed_out;
+    }
+    return f.get();
+}
+
+error_code acquire(valve::redis_bucket& b, std::size_t n = 1,
+                   valve::resource::time_point deadline = valve::resource::time_point::max())
+{
+    std::promise<error_code> p;
+    auto f = p.get_future();
+    b.async_acquire(n, deadline, [&p](error_code ec) { p.set_value(ec); });
+    if (f.wait_for(10s) != std::future_status::ready) {
+        ADD_FAILURE() << "async_acquire did not complete within 10 s";
+        return asio::error::timed_out;
+    }
+    return f.get();
+}
+
+// Runs valve's script with an explicit time (us) and returns its reply.
+valve::detail::gcra_result run_script(valve::redis_connection& c, const std::vector<valve::detail::gcra_limit>& limits,
+                                      std::uint64_t give, const std::vector<valve::detail::gcra_ask>& asks,
+                                      std::optional<std::int64_t> now_us)
+{
+    std::vector<std::string> cmd{"EVALSHA", valve::detail::gcra_script().sha1};
+    auto args = valve::detail::gcra_args(limits, give, asks, now_us);
+    cmd.insert(cmd.end(), args.begin(), args.end());
+    const auto reply = exec(c, cmd);
+    auto r = valve::detail::gcra_parse(reply, asks.size());
+    EXPECT_TRUE(r.has_value()) << reply.str;
+    return r.value_or(valve::detail::gcra_result{});
+}
+
+std::uint64_t model_seed()
+{
+    if (const char* s = std::getenv("VALVE_MODEL_SEED")) return std::strtoull(s, nullptr, 10);
+    return std::random_device{}();
+}
+
+} // namespace
+
+// ---- the script, on explicit times -------------------------------------------------------
+
+TEST(redis_script, decides_as_bucket_core_does_on_the_same_explicit_times)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    ASSERT_FALSE(connect(redis)) << redis.last_error();
+
+    using valve::rate;
+    const std::uint64_t seed = model_seed();
+    SCOPED_TRACE("VALVE_MODEL_SEED=" + std::to_string(seed));
+    std::mt19937_64 rng(seed);
+    const rate rates[] = {rate::per_second(2000), rate::per_second(3), rate::per(7, 10ms), rate::per_second(100),
+                          rate::per(5000, std::chrono::hours(1)), rate::per(10, std::chrono::minutes(1))};
+    using tp = valve::bucket_core::time_point;
+    const tp t0 = tp{} + 1000h;
+    const std::int64_t base_us = 1'700'000'000'000'000; // a Redis TIME of 2023, in us
+    int key = 0;
+    for (const rate& r : rates) {
+        for (std::size_t burst : {std::size_t{1}, std::size_t{5}, std::size_t{40}}) {
+            const std::string name = "model-" + std::to_string(key++);
+            valve::bucket_core core{r, burst, t0};
+            const auto interval = valve::detail::gcra_interval_of(r, burst, "test");
+            const std::vector<valve::detail::gcra_limit> limits{{"valve:{" + name + "}:0", interval, burst}};
+            const double interval_us = 1e6 / r.tokens_per_second();
+            std::int64_t at_us = 0;
+            for (int step = 0; step < 150; ++step) {
+                // Steps of 0 to 3 intervals, in whole microseconds.
+                at_us += static_cast<std::int64_t>(std::uniform_real_distribution<double>(0, 3 * interval_us)(rng));
+                const tp now = t0 + std::chrono::microseconds(at_us);
+                const std::size_t n = std::uniform_int_distribution<std::size_t>(1, burst)(rng);
+                const bool reserve = rng() % 3 == 0;
+                SCOPED_TRACE("rate " + valve::to_string(r) + " burst " + std::to_string(burst) + " step " +
+                             std::to_string(step) + " n " + std::to_string(n));
+                if (std::getenv("VALVE_TRACE_MODEL"))
+                    std::printf("%s b%zu at %lld n %zu %s\n", valve::to_string(r).c_str(), burst, (long long)at_us, n,
+                                reserve ? "reserve" : "take");
+                if (!reserve) {
+                    const bool core_took = core.try_take(n, now);
+                    const auto got = run_script(redis, limits, 0, {{n, 0}}, base_us + at_us);
+                    ASSERT_EQ(got.waits.size(), 1u);
+                    ASSERT_EQ(got.waits[0] >= 0, core_took);
+                    if (core_took) {
+                        EXPECT_EQ(got.waits[0], 0);
+                    }
+                } else {
+                    const std::int64_t max_wait =
+                        static_cast<std::int64_t>(std::uniform_real_distribution<double>(0, 4 * interval_us)(rng));
+                    error_code ec;
+                    auto res = core.reserve(n, now, ec, now + std::chrono::microseconds(max_wait));
+                    const auto got = run_script(redis, limits, 0, {{n, max_wait}}, base_us + at_us);
+                    ASSERT_EQ(got.waits.size(), 1u);
+                    ASSERT_EQ(got.waits[0] >= 0, !ec) << ec.message();
+                    const std::int64_t core_wait_ns = ec ? 0 : (res.ready - now).count();
+                    if (!ec) {
+                        EXPECT_EQ(got.waits[0], (core_wait_ns + 999) / 1000);
+                    }
+                }
+            }
+        }
+    }
+}
+
+TEST(redis_script, several_limits_are_taken_all_or_nothing)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    ASSERT_FALSE(connect(redis)) << redis.last_error();
+    using valve::rate;
+    const std::vector<valve::detail::gcra_limit> limits{
+        {"valve:{both}:0", valve::detail::gcra_interval_of(rate::per_second(10), 10, "t"), 10},
+        {"valve:{both}:1", valve::detail::gcra_interval_of(rate::per_second(1), 3, "t"), 3}};
+    const std::int64_t now = 1'700'000'000'000'000;
+    auto got = run_script(redis, limits, 0, {{2, 0}, {1, 0}, {1, 0}}, now);
+    EXPECT_EQ(got.waits, (std::vector<std::int64_t>{0, 0, -1 - 1'000'000}));
+    // The refused call changed neither key: the first limit still holds 7 of 10 tokens.
+    const auto before0 = exec(redis, {"GET", "valve:{both}:0"}).str;
+    const auto before1 = exec(redis, {"GET", "valve:{both}:1"}).str;
+    got = run_script(redis, limits, 0, {{1, 0}}, now);
+    EXPECT_LT(got.waits[0], 0);
+    EXPECT_EQ(exec(redis, {"GET", "valve:{both}:0"}).str, before0);
+    EXPECT_EQ(exec(redis, {"GET", "valve:{both}:1"}).str, before1);
+    EXPECT_EQ(got.free_us, 700'000); // 7 tokens of 100 ms
+    // A second later the strict limit has one token again.
+    got = run_script(redis, limits, 0, {{1, 0}}, now + 1'000'000);
+    EXPECT_EQ(got.waits[0], 0);
+}
+
+TEST(redis_script, reservations_queue_into_the_future_and_give_backs_move_time_back_but_not_before_now)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    ASSERT_FALSE(connect(redis)) << redis.last_error();
+    const std::vector<valve::detail::gcra_limit> limits{
+        {"valve:{r}:0", valve::detail::gcra_interval_of(valve::rate::per_second(1000), 2, "t"), 2}};
+    const std::int64_t now = 1'700'000'000'000'000;
+    const auto inf = valve::detail::gcra_no_deadline;
+    auto got = run_script(redis, limits, 0, {{1, inf}, {1, inf}, {1, inf}, {1, inf}, {1, 1500}}, now);
+    EXPECT_EQ(got.waits, (std::vector<std::int64_t>{0, 0, 1000, 2000, -1 - 3000}));
+    EXPECT_EQ(got.free_us, -2000);
+    // Two slots given back: the next comes 2 ms sooner.
+    got = run_script(redis, limits, 2, {{1, inf}}, now);
+    EXPECT_EQ(got.waits, (std::vector<std::int64_t>{1000}));
+    // Giving back more than was taken leaves a full bucket, not more.
+    got = run_script(redis, limits, 100, {}, now);
+    EXPECT_EQ(got.free_us, 2000);
+}
+
+TEST(redis_script, a_key_expires_once_its_bucket_is_full_again)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    ASSERT_FALSE(connect(redis)) << redis.last_error();
+    valve::redis_bucket bucket{redis, "expiring", valve::rate::per_second(20), 2};
+    ASSERT_FALSE(acquire(bucket, 2));
+    const auto ttl = exec(redis, {"PTTL", "valve:{expiring}:0"}).integer;
+    EXPECT_GT(ttl, 0);
+    EXPECT_LE(ttl, 100); // two tokens of 50 ms
+    std::this_thread::sleep_for(std::chrono::milliseconds(ttl + 50));
+    EXPECT_EQ(exec(redis, {"EXISTS", "valve:{expiring}:0"}).integer, 0);
+}
+
+// ---- the connection ------------------------------------------------------------------------
+
+TEST(redis_connection, answers_over_tcp_and_a_unix_socket)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection tcp{ctx.ioc.get_executor(), server.url()};
+    valve::redis_connection local{ctx.ioc.get_executor(), server.unix_url()};
+    EXPECT_EQ(exec(tcp, {"PING"}).str, "PONG");
+    EXPECT_EQ(exec(local, {"PING"}).str, "PONG");
+    EXPECT_TRUE(tcp.is_up());
+    EXPECT_EQ(exec(tcp, {"SET", "k", "from tcp"}).str, "OK");
+    EXPECT_EQ(exec(local, {"GET", "k"}).str, "from tcp");
+}
+
+TEST(redis_connection, pipelines_commands_and_matches_every_reply_to_its_command)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    ASSERT_FALSE(connect(redis)) << redis.last_error();
+    constexpr int count = 2000;
+    std::vector<long long> got(count, -1);
+    std::atomic<int> done{0};
+    std::promise<void> all;
+    for (int i = 0; i < count; ++i)
+        redis.async_exec({"INCR", "counter"}, [&, i](error_code ec, redis_reply r) {
+            EXPECT_FALSE(ec);
+            got[i] = r.integer;
+            if (++done == count) all.set_value();
+        });
+    ASSERT_EQ(all.get_future().wait_for(10s), std::future_status::ready);
+    for (int i = 0; i < count; ++i) ASSERT_EQ(got[i], i + 1); // issued from one thread: answered in order
+    EXPECT_GE(redis.stats().commands, static_cast<std::uint64_t>(count));
+}
+
+TEST(redis_connection, selects_the_database_of_the_url)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection db3{ctx.ioc.get_executor(), server.url() + "/3"};
+    valve::redis_connection db0{ctx.ioc.get_executor(), server.url() + "/0"};
+    exec(db3, {"SET", "where", "three"});
+    EXPECT_EQ(exec(db0, {"EXISTS", "where"}).integer, 0);
+    EXPECT_EQ(exec(db3, {"GET", "where"}).str, "three");
+}
+
+TEST(redis_connection, authenticates_with_the_password_and_user_of_the_url)
+{
+    redis_server server{{"--requirepass", "s3cret"}};
+    running_context ctx;
+    valve::redis_connection good{ctx.ioc.get_executor(), server.url(":s3cret")};
+    EXPECT_FALSE(connect(good)) << good.last_error();
+    EXPECT_EQ(exec(good, {"PING"}).str, "PONG");
+    valve::redis_connection acl{ctx.ioc.get_executor(), server.url("default:s3cret")};
+    EXPECT_FALSE(connect(acl)) << acl.last_error();
+
+    valve::redis_connection wrong{ctx.ioc.get_executor(), server.url(":nope")};
+    EXPECT_EQ(connect(wrong), valve::errc::store_error);
+    EXPECT_NE(wrong.last_error().find("password"), std::string::npos) << wrong.last_error();
+    EXPECT_EQ(wrong.last_error().find("nope"), std::string::npos) << "the password is not shown";
+    valve::redis_connection none{ctx.ioc.get_executor(), server.url()};
+    EXPECT_EQ(connect(none), valve::errc::store_error);
+    EXPECT_NE(none.last_error().find("password"), std::string::npos) << none.last_error();
+    error_code ec;
+    exec(none, {"PING"}, &ec);
+    EXPECT_EQ(ec, valve::errc::store_unavailable);
+}
+
+TEST(redis_connection, a_refused_connection_is_reported_and_commands_fail_at_once)
+{
+    running_context ctx;
+    const auto port = valve::test::free_port();
+    valve::redis_connection redis{ctx.ioc.get_executor(), "redis://127.0.0.1:" + std::to_string(port)};
+    EXPECT_EQ(connect(redis), asio::error::connection_refused);
+    EXPECT_NE(redis.last_error().find("cannot connect"), std::string::npos) << redis.last_error();
+    const auto start = std::chrono::steady_clock::now();
+    error_code ec;
+    exec(redis, {"PING"}, &ec);
+    EXPECT_EQ(ec, valve::errc::store_unavailable);
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 100ms);
+}
+
+TEST(redis_connection, a_bad_url_is_refused_at_construction)
+{
+    asio::io_context ioc;
+    try {
+        valve::redis_connection redis{ioc.get_executor(), "redis//localhost"};
+        FAIL() << "no error";
+    } catch (const valve::error& e) {
+        EXPECT_EQ(e.code(), valve::errc::invalid_argument);
+        EXPECT_NE(std::string(e.what()).find("redis://"), std::string::npos) << e.what();
+    }
+}
+
+TEST(redis_connection, comes_back_by_itself_when_redis_restarts)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    ASSERT_FALSE(connect(redis)) << redis.last_error();
+    server.stop();
+    error_code ec;
+    exec(redis, {"PING"}, &ec);
+    EXPECT_EQ(ec, valve::errc::store_unavailable);
+    EXPECT_FALSE(redis.is_up());
+    server.start();
+    const auto until = std::chrono::steady_clock::now() + 5s;
+    while (!redis.is_up() && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(5ms);
+    ASSERT_TRUE(redis.is_up()) << redis.last_error();
+    EXPECT_EQ(exec(redis, {"PING"}).str, "PONG");
+    EXPECT_EQ(redis.stats().recoveries, 1u);
+    EXPECT_GE(redis.stats().failures, 1u);
+}
+
+TEST(redis_connection, a_redis_that_stops_answering_fails_waiting_commands_within_the_reply_timeout)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url(), {.reply_timeout = 50ms}};
+    valve::redis_connection other{ctx.ioc.get_executor(), server.url(), {.reply_timeout = 2s}};
+    ASSERT_FALSE(connect(redis)) << redis.last_error();
+    ASSERT_FALSE(connect(other)) << other.last_error();
+    other.async_exec({"DEBUG", "SLEEP", "0.5"}, [](error_code, redis_reply) {});
+    std::this_thread::sleep_for(10ms);
+    const auto start = std::chrono::steady_clock::now();
+    error_code ec;
+    exec(redis, {"PING"}, &ec);
+    const auto took = std::chrono::steady_clock::now() - start;
+    EXPECT_EQ(ec, valve::errc::store_unavailable);
+    EXPECT_LT(took, 100ms);
+    EXPECT_GE(took, 40ms);
+    EXPECT_NE(redis.last_error().find("did not answer"), std::string::npos) << redis.last_error();
+}
+
+// ---- redis_bucket ----------------------------------------------------------------------------
+
+TEST(redis_bucket, grants_the_burst_then_the_rate)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    valve::redis_bucket bucket{redis, "api", valve::rate::per_second(200), 10};
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < 10; ++i) ASSERT_FALSE(acquire(bucket));
+    const auto burst_took = std::chrono::steady_clock::now() - start;
+    for (int i = 0; i < 40; ++i) ASSERT_FALSE(acquire(bucket));
+    const auto took = std::chrono::steady_clock::now() - start;
+    // 40 tokens beyond the burst at 200/s take 200 ms; the burst takes no wait.
+    EXPECT_GE(took, 195ms);
+    EXPECT_LT(took, 400ms);
+    EXPECT_LT(burst_took, 50ms);
+    EXPECT_EQ(bucket.stats().granted, 50u);
+}
+
+TEST(redis_bucket, two_connections_on_one_key_share_one_limit)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection r1{ctx.ioc.get_executor(), server.url()};
+    valve::redis_connection r2{ctx.ioc.get_executor(), server.unix_url()};
+    valve::redis_bucket b1{r1, "shared", valve::rate::per_second(500), 20};
+    valve::redis_bucket b2{r2, "shared", valve::rate::per_second(500), 20};
+    std::atomic<int> granted{0};
+    std::atomic<bool> stop{false};
+    const auto start = std::chrono::steady_clock::now();
+    auto loop = [&](valve::redis_bucket& b) {
+        while (!stop) {
+            if (acquire(b)) break;
+            if (!stop) ++granted;
+        }
+    };
+    std::thread t1([&] { loop(b1); });
+    std::thread t2([&] { loop(b2); });
+    std::this_thread::sleep_for(1s);
+    const int at_stop = granted.load();
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    stop = true;
+    t1.join();
+    t2.join();
+    const double allowed = 20 + 500 * elapsed;
+    EXPECT_LE(at_stop, allowed + 1);
+    EXPECT_GE(at_stop, 0.9 * (20 + 500 * 1.0));
+}
+
+TEST(redis_bucket, script_flush_mid_run_fails_no_acquire)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    valve::redis_connection admin{ctx.ioc.get_executor(), server.url()};
+    valve::redis_bucket bucket{redis, "flushed", valve::rate::per_second(5000), 50};
+    std::atomic<int> failed{0}, ok{0};
+    std::atomic<bool> stop{false};
+    std::vector<std::thread> users;
+    for (int i = 0; i < 4; ++i)
+        users.emplace_back([&] {
+            while (!stop) (acquire(bucket) ? failed : ok)++;
+        });
+    for (int i = 0; i < 5; ++i) {
+        std::this_thread::sleep_for(40ms);
+        EXPECT_EQ(exec(admin, {"SCRIPT", "FLUSH"}).str, "OK");
+    }
+    std::this_thread::sleep_for(40ms);
+    stop = true;
+    for (auto& t : users) t.join();
+    EXPECT_EQ(failed.load(), 0);
+    EXPECT_GT(ok.load(), 100);
+    EXPECT_GE(redis.stats().script_loads, 1u);
+}
+
+TEST(redis_bucket, a_cancelled_waiter_gives_its_slot_back)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    valve::redis_bucket bucket{redis, "cancel", valve::rate::per_second(2), 1};
+    ASSERT_FALSE(acquire(bucket)); // the burst: the next slot is 500 ms away
+    asio::cancellation_signal signal;
+    std::promise<error_code> p;
+    bucket.async_acquire(1, asio::bind_cancellation_slot(signal.slot(), [&](error_code ec) { p.set_value(ec); }));
+    std::this_thread::sleep_for(50ms); // reserved by now
+    asio::post(ctx.ioc, [&] { signal.emit(asio::cancellation_type::terminal); });
+    auto f = p.get_future();
+    ASSERT_EQ(f.wait_for(1s), std::future_status::ready);
+    EXPECT_EQ(f.get(), asio::error::operation_aborted);
+    // The slot went back to Redis: a second process's next token is ~450 ms away, not ~950 ms.
+    valve::redis_connection other{ctx.ioc.get_executor(), server.url()};
+    valve::redis_bucket again{other, "cancel", valve::rate::per_second(2), 1};
+    const auto start = std::chrono::steady_clock::now();
+    ASSERT_FALSE(acquire(again));
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 700ms);
+    EXPECT_EQ(bucket.stats().given_back, 1u);
+}
+
+TEST(redis_bucket, a_slot_beyond_the_deadline_is_refused_and_takes_nothing)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    valve::redis_bucket bucket{redis, "deadline", valve::rate::per_second(10), 1};
+    ASSERT_FALSE(acquire(bucket));
+    const auto soon = std::chrono::steady_clock::now() + 20ms;
+    EXPECT_EQ(acquire(bucket, 1, soon), valve::errc::would_exceed_deadline);
+    // Nothing was taken: the next slot is still within one interval.
+    const auto start = std::chrono::steady_clock::now();
+    ASSERT_FALSE(acquire(bucket));
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 150ms);
+}
+
+TEST(redis_bucket, bad_arguments_are_errors_at_the_call)
+{
+    asio::io_context ioc;
+    valve::redis_connection redis{ioc.get_executor(), "redis://127.0.0.1:1"};
+    auto message = [&](auto f) -> std::string {
+        try {
+            f();
+        } catch (const valve::error& e) {
+            EXPECT_EQ(e.code(), valve::errc::invalid_argument);
+            return e.what();
+        }
+        ADD_FAILURE() << "no error";
+        return {};
+    };
+    EXPECT_NE(message([&] { valve::redis_bucket b(redis, "", valve::rate::per_second(1)); }).find("empty"),
+              std::string::npos);
+    EXPECT_NE(message([&] { valve::redis_bucket b(redis, "k", valve::rate::zero()); }).find("zero"),
+              std::string::npos);
+    EXPECT_NE(message([&] { valve::redis_bucket b(redis, "k", valve::rate::per_second(1), 0); }).find("burst"),
+              std::string::npos);
+    EXPECT_NE(message([&] {
+                  valve::redis_bucket b(redis, "k", valve::rate::per_second(1), 1, {.instances = 0});
+              }).find("instances"),
+              std::string::npos);
+    valve::redis_bucket b(redis, "k", valve::rate::per_second(1), 2);
+    std::optional<error_code> got;
+    b.async_acquire(3, [&](error_code ec) { got = ec; });
+    EXPECT_FALSE(got) << "completed inside the call";
+    ioc.run_for(100ms);
+    EXPECT_EQ(got, valve::errc::exceeds_burst);
+}
+
+namespace {
+
+class redis_failure : public ::testing::TestWithParam<valve::store_failure> {};
+
+} // namespace
+
+namespace {
+
+/// Outcomes of many acquisitions, and when each came.
+struct outcomes {
+    std::mutex m;
+    std::vector<std::pair<std::chrono::steady_clock::time_point, error_code>> got;
+
+    auto handler()
+    {
+        return [this](error_code ec) {
+            std::lock_guard lock{m};
+            got.emplace_back(std::chrono::steady_clock::now(), ec);
+        };
+    }
+    std::size_t size()
+    {
+        std::lock_guard lock{m};
+        return got.size();
+    }
+    std::size_t count(error_code ec)
+    {
+        std::lock_guard lock{m};
+        return static_cast<std::size_t>(std::count_if(got.begin(), got.end(), [&](auto& g) { return g.second == ec; }));
+    }
+    // Completions later than `t + d`.
+    std::size_t later_than(std::chrono::steady_clock::time_point t, std::chrono::nanoseconds d)
+    {
+        std::lock_guard lock{m};
+        return static_cast<std::size_t>(std::count_if(got.begin(), got.end(), [&](auto& g) { return g.first > t + d; }));
+    }
+    bool wait_for(std::size_t n, std::chrono::nanoseconds d)
+    {
+        const auto until = std::chrono::steady_clock::now() + d;
+        while (size() < n && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(1ms);
+        return size() >= n;
+    }
+};
+
+void expect_settled_by(valve::store_failure policy, outcomes& o, std::size_t n)
+{
+    switch (policy) {
+    case valve::store_failure::fail_closed:
+        EXPECT_EQ(o.count(valve::errc::store_unavailable), n);
+        break;
+    case valve::store_failure::fail_open:
+        EXPECT_EQ(o.count({}), n);
+        break;
+    case valve::store_failure::fail_local:
+        break; // checked by the caller: at the local rate
+    }
+}
+
+void wait_up(valve::redis_connection& redis)
+{
+    const auto until = std::chrono::steady_clock::now() + 5s;
+    while (!redis.is_up() && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(1ms);
+    ASSERT_TRUE(redis.is_up()) << redis.last_error();
+}
+
+} // namespace
+
+TEST_P(redis_failure, with_redis_killed_waiters_are_settled_by_the_policy_at_once_and_work_resumes)
+{
+    const auto policy = GetParam();
+    outcomes slotted, after, back; // outlive the thread that completes them
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    // 20/s over 2 instances: the local fallback allows 10/s, burst 1.
+    valve::redis_bucket bucket{redis, "failing", valve::rate::per_second(20), 2, {.on_failure = policy, .instances = 2}};
+    ASSERT_FALSE(acquire(bucket, 2)); // the burst is spent
+    // Slots reserved before the crash were taken in Redis: they complete on time, granted.
+    for (int i = 0; i < 3; ++i) bucket.async_acquire(1, slotted.handler());
+    std::this_thread::sleep_for(10ms);
+    server.stop();
+    const auto killed = std::chrono::steady_clock::now();
+    std::this_thread::sleep_for(5ms); // the connection sees the crash
+    for (int i = 0; i < 20; ++i) bucket.async_acquire(1, after.handler());
+    ASSERT_TRUE(slotted.wait_for(3, 1s));
+    EXPECT_EQ(slotted.count({}), 3u);
+    if (policy == valve::store_failure::fail_local) {
+        // The local bucket: one at once, then one per 100 ms.
+        std::this_thread::sleep_for(250ms);
+        EXPECT_GE(after.size(), 2u);
+        EXPECT_LE(after.size(), 4u);
+        EXPECT_EQ(after.count({}), after.size());
+    } else {
+        ASSERT_TRUE(after.wait_for(20, 1s));
+        EXPECT_EQ(after.later_than(killed, 100ms), 0u);
+        expect_settled_by(policy, after, 20);
+        EXPECT_FALSE(bucket.try_acquire() != (policy == valve::store_failure::fail_open));
+    }
+    EXPECT_GE(bucket.stats().store_failures, 2u);
+    // Redis is back: acquisitions go through it again, with no action by the user.
+    server.start();
+    wait_up(redis);
+    const auto calls = bucket.stats().calls;
+    bucket.async_acquire(1, back.handler());
+    ASSERT_TRUE(back.wait_for(1, 2s));
+    EXPECT_EQ(back.count({}), 1u);
+    EXPECT_GT(bucket.stats().calls, calls);
+}
+
+TEST_P(redis_failure, with_redis_asleep_waiters_are_settled_by_the_policy_within_100_ms)
+{
+    const auto policy = GetParam();
+    outcomes o; // outlives the thread that completes it
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url(), {.reply_timeout = 50ms}};
+    valve::redis_connection admin{ctx.ioc.get_executor(), server.url(), {.reply_timeout = 5s}};
+    ASSERT_FALSE(connect(admin));
+    valve::redis_bucket bucket{redis, "asleep", valve::rate::per_second(1000), 100, {.on_failure = policy}};
+    ASSERT_FALSE(acquire(bucket));
+    admin.async_exec({"DEBUG", "SLEEP", "0.5"}, [](error_code, redis_reply) {});
+    std::this_thread::sleep_for(10ms);
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < 20; ++i) bucket.async_acquire(1, o.handler());
+    ASSERT_TRUE(o.wait_for(policy == valve::store_failure::fail_local ? 1 : 20, 1s));
+    EXPECT_EQ(o.later_than(start, 100ms), 0u);
+    expect_settled_by(policy, o, 20);
+    if (policy == valve::store_failure::fail_local) {
+        EXPECT_GE(o.count({}), 1u); // the local burst
+    }
+}
+
+TEST_P(redis_failure, a_killed_client_connection_settles_its_waiters_and_reconnects)
+{
+    const auto policy = GetParam();
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    valve::redis_connection admin{ctx.ioc.get_executor(), server.url()};
+    ASSERT_FALSE(connect(admin));
+    valve::redis_bucket bucket{redis, "killed", valve::rate::per_second(1000), 100, {.on_failure = policy}};
+    ASSERT_FALSE(acquire(bucket));
+    EXPECT_GE(exec(admin, {"CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"}).integer, 1);
+    wait_up(redis);
+    EXPECT_EQ(redis.stats().recoveries, 1u);
+    EXPECT_FALSE(acquire(bucket));
+}
+
+INSTANTIATE_TEST_SUITE_P(policies, redis_failure,
+                         ::testing::Values(valve::store_failure::fail_closed, valve::store_failure::fail_open,
+                                           valve::store_failure::fail_local),
+                         [](const auto& param_info) {
+                             switch (param_info.param) {
+                             case valve::store_failure::fail_closed:
+                                 return std::string("fail_closed");
+                             case valve::store_failure::fail_open:
+                                 return std::string("fail_open");
+                             case valve::store_failure::fail_local:
+                                 return std::string("fail_local");
+                             }
+                             return std::string("unknown");
+                         });
+
+// ---- profiles stored in Redis ------------------------------------------------------------------
+
+TEST(redis_profile, a_shared_profile_is_one_limit_for_every_manager_using_it)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection r1{ctx.ioc.get_executor(), server.url()};
+    valve::redis_connection r2{ctx.ioc.get_executor(), server.url()};
+    valve::manager m1{ctx.ioc.get_executor()};
+    valve::manager m2{ctx.ioc.get_executor()};
+    for (auto [m, r] : {std::pair{&m1, &r1}, std::pair{&m2, &r2}})
+        m->register_profile("free", valve::shared_resource("free-key", valve::rate::per_second(100), 5),
+                            valve::worker_pool(4, 1000), valve::stored_in(*r));
+    std::atomic<int> ran{0};
+    std::vector<std::future<int>> results;
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < 30; ++i) {
+        auto& m = i % 2 ? m1 : m2;
+        results.push_back(m.get_limiter("free", "u")->async_submit([&] { return ++ran; }, asio::use_future));
+    }
+    for (auto& f : results) ASSERT_EQ(f.wait_for(5s), std::future_status::ready);
+    // 30 tasks, 5 of them from the burst, the rest at 100/s between both managers: >= 250 ms.
+    EXPECT_GE(std::chrono::steady_clock::now() - start, 240ms);
+    EXPECT_EQ(ran.load(), 30);
+}
+
+TEST(redis_profile, a_dedicated_profile_keeps_one_key_per_user_across_managers)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection r1{ctx.ioc.get_executor(), server.url()};
+    valve::redis_connection r2{ctx.ioc.get_executor(), server.url()};
+    valve::manager m1{ctx.ioc.get_executor()};
+    valve::manager m2{ctx.ioc.get_executor()};
+    for (auto [m, r] : {std::pair{&m1, &r1}, std::pair{&m2, &r2}})
+        m->register_profile("pro", valve::dedicated_resource(valve::rate::per_second(1), 2),
+                            valve::worker_pool(4, 1000), valve::stored_in(*r),
+                            valve::on_store_failure(valve::store_failure::fail_closed));
+    auto run = [](valve::manager& m, const std::string& user) {
+        return m.get_limiter("pro", user)->async_submit([] { return 1; }, asio::use_future);
+    };
+    // alice's burst of 2 is spent through m1 ...
+    ASSERT_EQ(run(m1, "alice").wait_for(2s), std::future_status::ready);
+    ASSERT_EQ(run(m1, "alice").wait_for(2s), std::future_status::ready);
+    // ... so m2 has nothing for her for about a second, while bob is served at once.
+    auto alice = run(m2, "alice");
+    auto bob = run(m2, "bob");
+    EXPECT_EQ(bob.wait_for(500ms), std::future_status::ready);
+    EXPECT_EQ(alice.wait_for(500ms), std::future_status::timeout);
+    EXPECT_EQ(alice.wait_for(2s), std::future_status::ready);
+    EXPECT_NE(server.running(), false);
+    error_code ec;
+    EXPECT_EQ(exec(r1, {"EXISTS", "valve:{pro/alice}:0"}, &ec).integer, 1);
+}
+
+TEST(redis_profile, store_options_without_a_store_are_an_error)
+{
+    valve::manager m{};
+    try {
+        m.register_profile("p", valve::shared_resource("k", valve::rate::per_second(1)),
+                           valve::on_store_failure(valve::store_failure::fail_open));
+        FAIL() << "no error";
+    } catch (const valve::error& e) {
+        EXPECT_EQ(e.code(), valve::errc::invalid_argument);
+        EXPECT_NE(std::string(e.what()).find("stored_in"), std::string::npos) << e.what();
+    }
+}
