@@ -38,6 +38,15 @@ namespace valve {
 
 namespace detail {
 
+store_request store_request_of(const rate& r, std::size_t burst, const profile_config& c, const std::string& name,
+                               std::optional<std::string> user)
+{
+    store_request req{name, std::move(user), {{r, burst}}, c.on_failure.value_or(store_failure::fail_closed),
+                      c.instances.value_or(1)};
+    for (const auto& a : c.also) req.limits.push_back({a.limit, a.burst});
+    return req;
+}
+
 namespace {
 
 template <class T>
@@ -242,14 +251,9 @@ public:
     }
 
     std::shared_ptr<resource> make_resource(const rate& r, std::size_t burst, const profile_config& c,
-                                            const std::string& name)
+                                            const std::string& name, std::optional<std::string> user = {})
     {
-        if (c.stored_in) {
-            store_request req{name, {{r, burst}}, c.on_failure.value_or(store_failure::fail_closed),
-                              c.instances.value_or(1)};
-            for (const auto& a : c.also) req.limits.push_back({a.limit, a.burst});
-            return c.stored_in->make_resource(req);
-        }
+        if (c.stored_in) return c.stored_in->make_resource(store_request_of(r, burst, c, name, std::move(user)));
         auto res = std::make_shared<bucket_resource>(executor, r, burst);
         for (const auto& a : c.also) res->also_limit(a.limit, a.burst);
         return res;
@@ -450,6 +454,15 @@ void manager::register_profile(std::string name, detail::profile_config config)
     if (config.instances && *config.instances == 0)
         throw_error(errc::invalid_argument, where + ": instances(0); give the number of processes sharing the "
                                                     "limit, at least 1");
+    if (config.stored_in) {
+        // Limits the store cannot hold are refused now, not at every get_limiter.
+        if (config.shared)
+            config.stored_in->check(
+                detail::store_request_of(config.shared->limit, config.shared->burst, config, config.shared->key, {}));
+        else
+            config.stored_in->check(
+                detail::store_request_of(config.dedicated->limit, config.dedicated->burst, config, name, "user"));
+    }
 
     std::lock_guard lock{state_->mutex};
     if (state_->shutting_down)
@@ -514,8 +527,7 @@ std::shared_ptr<limiter> manager::get_limiter(std::string_view profile_name, std
         const auto& d = *p.config.dedicated;
         // A stored limit is kept per user under the profile's name and the user's: the same
         // user of the same profile is one limit in every process.
-        u.lim = state_->make_limiter(p, state_->make_resource(d.limit, d.burst, p.config,
-                                                              p.name + "/" + std::string(user)));
+        u.lim = state_->make_limiter(p, state_->make_resource(d.limit, d.burst, p.config, p.name, std::string(user)));
         // Its user's cancel() aborts the user's queued tasks; closing it (and so dropping the
         // limit it keeps) is the manager's business, as for a shared profile.
         detail::hand_to_user(*u.lim);
@@ -564,6 +576,9 @@ void manager::set_rate(std::string_view profile_name, rate r)
     // Checked against the profile's burst before anything changes: a rate its bucket cannot
     // take must not reach the users' limiters, nor the ones made later.
     detail::check_limit(r, p.shared_limits ? p.config.shared->burst : p.config.dedicated->burst, where);
+    if (p.config.stored_in)
+        p.config.stored_in->check(detail::store_request_of(
+            r, p.shared_limits ? p.config.shared->burst : p.config.dedicated->burst, p.config, p.name, {}));
     if (p.shared_limits) {
         p.shared_limits->set_rate(r);
         return;

@@ -17,6 +17,11 @@
 
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+#include <spawn.h>
+
+extern char** environ;
+
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -24,6 +29,7 @@
 #include <mutex>
 #include <random>
 #include <thread>
+#include <type_traits>
 
 namespace asio = boost::asio;
 using namespace std::chrono_literals;
@@ -483,6 +489,51 @@ TEST(redis_bucket, a_slot_beyond_the_deadline_is_refused_and_takes_nothing)
     EXPECT_LT(std::chrono::steady_clock::now() - start, 150ms);
 }
 
+static_assert(!std::is_copy_constructible_v<valve::redis_bucket>, "a copy would share (and close) one limit");
+
+TEST(redis_bucket, a_slot_that_comes_after_the_deadline_once_the_reply_is_in_is_refused_and_given_back)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    valve::redis_bucket bucket{redis, "late", valve::rate::per_second(10), 1};
+    ASSERT_FALSE(acquire(bucket)); // the next slot is 100 ms away
+    // Redis finds the slot within the deadline, but the reply is read 150 ms later (the only
+    // thread of the io_context is busy): waking at the slot would be after the deadline.
+    std::promise<error_code> p;
+    bucket.async_acquire(1, std::chrono::steady_clock::now() + 105ms, [&p](error_code ec) { p.set_value(ec); });
+    asio::post(ctx.ioc, [] { std::this_thread::sleep_for(150ms); });
+    auto f = p.get_future();
+    ASSERT_EQ(f.wait_for(2s), std::future_status::ready);
+    EXPECT_EQ(f.get(), valve::errc::would_exceed_deadline);
+    EXPECT_EQ(bucket.stats().given_back, 1u);
+}
+
+TEST(redis_bucket, a_closed_connection_aborts_acquisitions_whatever_the_policy)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    valve::redis_bucket bucket{redis, "closed", valve::rate::per_second(10), 1,
+                               {.on_failure = valve::store_failure::fail_open}};
+    ASSERT_FALSE(acquire(bucket));
+    redis.close();
+    EXPECT_EQ(acquire(bucket), asio::error::operation_aborted);
+    EXPECT_FALSE(bucket.try_acquire());
+}
+
+TEST(redis_bucket, under_fail_local_an_acquisition_larger_than_the_local_burst_takes_it_all)
+{
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), "redis://127.0.0.1:" + std::to_string(valve::test::free_port())};
+    EXPECT_EQ(connect(redis), asio::error::connection_refused);
+    valve::redis_bucket bucket{redis, "local", valve::rate::per_second(4), 10,
+                               {.on_failure = valve::store_failure::fail_local, .instances = 4}};
+    EXPECT_FALSE(acquire(bucket, 8)); // the local burst is 2: it takes both, not exceeds_burst
+    EXPECT_FALSE(bucket.try_acquire());
+    EXPECT_EQ(acquire(bucket, 11), valve::errc::exceeds_burst);
+}
+
 TEST(redis_bucket, bad_arguments_are_errors_at_the_call)
 {
     asio::io_context ioc;
@@ -730,8 +781,58 @@ TEST(redis_profile, a_dedicated_profile_keeps_one_key_per_user_across_managers)
     EXPECT_EQ(alice.wait_for(2s), std::future_status::ready);
     EXPECT_NE(server.running(), false);
     error_code ec;
-    EXPECT_EQ(exec(r1, {"EXISTS", "valve:{pro/alice}:0"}, &ec).integer, 1);
+    EXPECT_EQ(exec(r1, {"EXISTS", "valve:{pro/alice}:user:0"}, &ec).integer, 1);
 }
+
+TEST(redis_profile, names_cannot_make_two_limits_one)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    valve::manager m{ctx.ioc.get_executor()};
+    // "api" + user "x/y", "api/x" + user "y" and the shared key "api/x/y" are three limits.
+    m.register_profile("api", valve::dedicated_resource(valve::rate::per_second(1), 1), valve::stored_in(redis));
+    m.register_profile("api/x", valve::dedicated_resource(valve::rate::per_second(1), 1), valve::stored_in(redis));
+    m.register_profile("shared", valve::shared_resource("api/x/y", valve::rate::per_second(1), 1),
+                       valve::stored_in(redis));
+    auto run = [](const std::shared_ptr<valve::limiter>& l) { return l->async_submit([] { return 1; }, asio::use_future); };
+    auto a = run(m.get_limiter("api", "x/y"));
+    auto b = run(m.get_limiter("api/x", "y"));
+    auto c = run(m.get_limiter("shared", "anyone"));
+    // Each has its own burst of one: all three run at once.
+    EXPECT_EQ(a.wait_for(500ms), std::future_status::ready);
+    EXPECT_EQ(b.wait_for(500ms), std::future_status::ready);
+    EXPECT_EQ(c.wait_for(500ms), std::future_status::ready);
+    // A brace cannot move the Redis Cluster hash tag.
+    valve::redis_bucket braces{redis, "}odd{", valve::rate::per_second(1), 1};
+    EXPECT_FALSE(acquire(braces));
+    EXPECT_EQ(exec(redis, {"EXISTS", "valve:{%7Dodd%7B}:0"}).integer, 1);
+}
+
+TEST(redis_profile, limits_redis_cannot_hold_are_refused_at_registration_and_at_set_rate)
+{
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), "redis://127.0.0.1:1"};
+    valve::manager m{ctx.ioc.get_executor()};
+    auto code_of = [](auto f) -> error_code {
+        try {
+            f();
+        } catch (const valve::error& e) {
+            return e.code();
+        }
+        return {};
+    };
+    EXPECT_EQ(code_of([&] {
+                  m.register_profile("zero", valve::dedicated_resource(valve::rate::zero(), 1), valve::stored_in(redis));
+              }),
+              valve::errc::invalid_argument);
+    EXPECT_EQ(m.limiter_count("zero"), 0u) << "not registered";
+    m.register_profile("ok", valve::dedicated_resource(valve::rate::per_second(5), 5), valve::stored_in(redis));
+    EXPECT_EQ(code_of([&] { m.set_rate("ok", valve::rate::unlimited()); }), valve::errc::invalid_argument);
+    // The profile is as it was: its users still get limiters.
+    EXPECT_NO_THROW(m.get_limiter("ok", "u"));
+}
+
 
 TEST(redis_profile, store_options_without_a_store_are_an_error)
 {
@@ -744,4 +845,105 @@ TEST(redis_profile, store_options_without_a_store_are_an_error)
         EXPECT_EQ(e.code(), valve::errc::invalid_argument);
         EXPECT_NE(std::string(e.what()).find("stored_in"), std::string::npos) << e.what();
     }
+}
+
+// ---- a fleet of OS processes -----------------------------------------------------------------
+
+namespace {
+
+struct worker_result {
+    long granted = -1;
+    int status = -1;
+};
+
+// Runs redis_fleet_worker once per argument list, all at once; returns what each printed.
+std::vector<worker_result> run_fleet(const std::vector<std::vector<std::string>>& runs)
+{
+    char tmpl[] = "/tmp/valve-fleet-XXXXXX";
+    const std::string dir = ::mkdtemp(tmpl);
+    std::vector<pid_t> pids;
+    for (std::size_t i = 0; i < runs.size(); ++i) {
+        std::vector<std::string> args{VALVE_FLEET_WORKER};
+        args.insert(args.end(), runs[i].begin(), runs[i].end());
+        std::vector<char*> argv;
+        for (auto& a : args) argv.push_back(a.data());
+        argv.push_back(nullptr);
+        posix_spawn_file_actions_t fa;
+        posix_spawn_file_actions_init(&fa);
+        const std::string out = dir + "/" + std::to_string(i);
+        posix_spawn_file_actions_addopen(&fa, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        pid_t pid = -1;
+        EXPECT_EQ(::posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ), 0) << "cannot start " << args[0];
+        posix_spawn_file_actions_destroy(&fa);
+        pids.push_back(pid);
+    }
+    std::vector<worker_result> results(runs.size());
+    for (std::size_t i = 0; i < pids.size(); ++i) {
+        if (pids[i] <= 0) continue;
+        ::waitpid(pids[i], &results[i].status, 0);
+        std::FILE* f = std::fopen((dir + "/" + std::to_string(i)).c_str(), "r");
+        if (f) {
+            if (std::fscanf(f, "granted %ld", &results[i].granted) != 1) results[i].granted = -1;
+            std::fclose(f);
+        }
+    }
+    std::error_code ec;
+    std::filesystem::remove_all(dir, ec);
+    return results;
+}
+
+std::string start_in(std::chrono::milliseconds d)
+{
+    const auto at = std::chrono::system_clock::now() + d;
+    return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(at.time_since_epoch()).count());
+}
+
+} // namespace
+
+TEST(redis_fleet, three_processes_on_one_key_get_the_rate_between_them_in_even_shares)
+{
+    redis_server server;
+    const double rate = 1000;
+    const long burst = 50;
+    const double seconds = 3;
+    const std::string start = start_in(700ms); // after every process has connected
+    std::vector<std::vector<std::string>> runs;
+    for (int i = 0; i < 3; ++i)
+        runs.push_back({"bucket", i == 1 ? server.unix_url() : server.url(), "fleet-key", "1000", "50", "3", start, "16"});
+    const auto results = run_fleet(runs);
+    long total = 0;
+    for (const auto& r : results) {
+        EXPECT_EQ(r.status, 0);
+        ASSERT_GE(r.granted, 0) << "a worker printed nothing";
+        total += r.granted;
+    }
+    const double allowed = rate * seconds + burst;
+    std::printf("fleet of 3: %ld granted of %.0f allowed (%ld, %ld, %ld)\n", total, allowed, results[0].granted,
+                results[1].granted, results[2].granted);
+    EXPECT_LE(static_cast<double>(total), allowed + 2) << "the fleet got more than the key allows";
+    EXPECT_GE(static_cast<double>(total), 0.99 * allowed) << "the fleet got less than the key allows";
+    for (const auto& r : results) {
+        EXPECT_GE(static_cast<double>(r.granted), static_cast<double>(total) / 3 * 0.95);
+        EXPECT_LE(static_cast<double>(r.granted), static_cast<double>(total) / 3 * 1.05);
+    }
+}
+
+TEST(redis_fleet, a_dedicated_profile_limits_a_user_across_two_processes)
+{
+    redis_server server;
+    const std::string start = start_in(700ms);
+    // alice in both processes: one limit of 100/s, burst 10, between them; bob has his own.
+    const auto results = run_fleet({{"profile", server.url(), "alice", "100", "10", "2", start, "8"},
+                                    {"profile", server.url(), "alice", "100", "10", "2", start, "8"},
+                                    {"profile", server.url(), "bob", "100", "10", "2", start, "8"}});
+    for (const auto& r : results) {
+        EXPECT_EQ(r.status, 0);
+        ASSERT_GE(r.granted, 0) << "a worker printed nothing";
+    }
+    const long alice = results[0].granted + results[1].granted;
+    std::printf("alice in two processes: %ld (%ld + %ld), bob: %ld, of 210 allowed each\n", alice, results[0].granted,
+                results[1].granted, results[2].granted);
+    EXPECT_LE(alice, 100 * 2 + 10 + 2);
+    EXPECT_GE(static_cast<double>(alice), 0.95 * (100 * 2 + 10));
+    EXPECT_GE(static_cast<double>(results[2].granted), 0.95 * (100 * 2 + 10)); // bob is not slowed by alice
 }

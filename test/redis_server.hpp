@@ -10,7 +10,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
-#include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -24,8 +24,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-extern char** environ;
 
 namespace valve::test {
 
@@ -128,10 +126,14 @@ public:
         std::vector<char*> argv;
         for (auto& a : args) argv.push_back(a.data());
         argv.push_back(nullptr);
-        if (::posix_spawn(&pid_, bin.c_str(), nullptr, nullptr, argv.data(), environ) != 0) {
-            pid_ = -1;
-            throw std::runtime_error("cannot start " + bin);
+        pid_ = ::fork();
+        if (pid_ == 0) {
+            // The server dies with the test, even one that crashes: no server is left behind.
+            ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+            ::execv(argv[0], argv.data());
+            ::_exit(127);
         }
+        if (pid_ < 0) throw std::runtime_error("cannot start " + bin);
         // Ready when the unix socket accepts a connection (it is made after the TCP listener).
         const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
         while (std::chrono::steady_clock::now() < until) {

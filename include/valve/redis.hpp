@@ -124,6 +124,10 @@ public:
             connect_initiation{impl_}, token);
     }
 
+    /// Closes the connection for good: commands waiting fail with `operation_aborted`, no
+    /// reconnection is tried, and the executor may run out of work (`io_context::run` returns).
+    void close();
+
     /// Whether the connection is up now (commands are sent, not failed at once).
     bool is_up() const noexcept;
 
@@ -165,7 +169,8 @@ stored_in_option stored_in(redis_connection& redis);
 
 /// Options of a `redis_bucket`.
 struct redis_bucket_options {
-    /// What acquisitions do while Redis fails.
+    /// What acquisitions do while Redis fails. Under `fail_local`, the local bucket holds
+    /// `burst / instances` tokens (at least 1); an acquisition of more takes them all.
     store_failure on_failure = store_failure::fail_closed;
     /// Processes expected to share the key: `fail_local` allows `rate / instances` here.
     std::size_t instances = 1;
@@ -188,13 +193,16 @@ struct redis_bucket_stats {
 /// flight per process, reserving slots for up to `batch` queued waiters at once; each waiter
 /// then sleeps on a local timer until its slot. So a process calls Redis about once per grant
 /// when the key is busy, and far less when many local waiters share it. `try_acquire` does no
-/// I/O: it succeeds only with tokens this process has already been granted and not used (a
-/// cancelled waiter's slot that came due), and otherwise says no.
+/// I/O: while Redis is reachable it says no (every grant is Redis's), and while Redis fails it
+/// answers by the failure policy (`fail_open`: yes; `fail_local`: the local bucket's answer).
 ///
 /// Thread safety: every member may be called from any thread.
 class redis_bucket final : public resource {
 public:
     using executor_type = boost::asio::any_io_executor;
+
+    redis_bucket(const redis_bucket&) = delete;
+    redis_bucket& operator=(const redis_bucket&) = delete;
 
     /// A bucket of `burst` tokens refilled at `r`, held in Redis on `redis` under `key`.
     /// Throws `valve::error` (`errc::invalid_argument`) for an empty key, an invalid, zero or
@@ -222,16 +230,13 @@ public:
     }
 
     /// As above, but fails with `errc::would_exceed_deadline` when Redis's answer is that the
-    /// slot would come after `deadline` (nothing is taken then).
+    /// slot would come after `deadline` (nothing is kept then: a slot granted too late is given
+    /// back). Under `fail_local` the deadline is not applied to the local bucket.
     template <class CompletionToken>
     auto async_acquire(std::size_t n, time_point deadline, CompletionToken&& token)
     {
         return boost::asio::async_initiate<CompletionToken, void(boost::system::error_code)>(
-            [](auto handler, const std::shared_ptr<detail::redis_limits>& impl, std::size_t count,
-               time_point until) {
-                start_acquire(*impl, count, until, detail::acquire_handler(std::move(handler)));
-            },
-            token, impl_, n, deadline);
+            acquire_initiation{}, token, impl_, n, deadline);
     }
 
     bool try_acquire(std::size_t n = 1) override;
@@ -252,6 +257,15 @@ public:
 private:
     static void start_acquire(detail::redis_limits& impl, std::size_t n, time_point deadline,
                               detail::acquire_handler h);
+
+    struct acquire_initiation {
+        template <class Handler>
+        void operator()(Handler&& handler, const std::shared_ptr<detail::redis_limits>& impl, std::size_t n,
+                        time_point deadline) const
+        {
+            start_acquire(*impl, n, deadline, detail::acquire_handler(std::forward<Handler>(handler)));
+        }
+    };
     std::shared_ptr<detail::redis_limits> impl_;
 };
 

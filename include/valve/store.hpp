@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -34,7 +35,11 @@ struct store_limit {
 /// What a profile (or a user) asks of a store: one resource named `name`, taken all or
 /// nothing over `limits` (the first is the profile's own, the rest its `also_limit`s).
 struct store_request {
+    /// A shared resource's key, or a dedicated profile's name.
     std::string name;
+    /// For a dedicated profile: the user whose limit this is (one per name and user, apart from
+    /// every shared key, whatever the names).
+    std::optional<std::string> user;
     std::vector<store_limit> limits;
     store_failure on_failure = store_failure::fail_closed;
     /// Processes expected to share the limits: `fail_local` limits each to `rate / instances`.
@@ -53,6 +58,10 @@ public:
     /// A resource whose limits live in the store under `request.name`. Throws `valve::error`
     /// (`errc::invalid_argument`) for limits the store cannot hold.
     virtual std::shared_ptr<resource> make_resource(const store_request& request) = 0;
+
+    /// Throws what `make_resource(request)` would throw for its limits, and nothing otherwise: a
+    /// check before a profile is registered or its rate changed. The default accepts anything.
+    virtual void check(const store_request& /*request*/) const {}
 };
 
 /// Profile option: every limit of the profile lives in `where` (made by the store's own

@@ -9,6 +9,8 @@
 
 #include <boost/asio/append.hpp>
 #include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 
@@ -80,13 +82,12 @@ public:
         if (n == 0) return post(std::move(h), {});
         std::unique_lock lock{mutex_};
         if (closed_) return post(std::move(h), asio::error::operation_aborted);
-        if (conn_->failing()) {
-            lock.unlock();
-            return settle(std::move(h), n, errc::store_unavailable);
-        }
         const std::uint64_t id = ++next_id_;
+        // Installed here, on the caller's thread, and never replaced: a cancellation always
+        // comes to cancel(id), whichever list (or the local fallback) holds the waiter then.
         auto slot = asio::get_associated_cancellation_slot(h);
         if (slot.is_connected()) slot.template emplace<cancel_handler>(weak_from_this(), id);
+        if (conn_->failing()) return settle(lock, waiter{std::move(h), n, deadline, id}, errc::store_unavailable);
         queue_.push_back(waiter{std::move(h), n, deadline, id});
         kick(lock);
     }
@@ -123,9 +124,11 @@ public:
 
     bool full() const override
     {
-        // The limit lives in Redis: dropping this local face loses nothing while it has no waiter.
+        // The limit lives in Redis: dropping this local face loses nothing while it has no
+        // waiter, and its local fallback (if any) is full.
         std::lock_guard lock{mutex_};
-        return queue_.empty() && asking_.empty() && slotted_.empty() && !in_flight_ && give_back_ == 0;
+        return queue_.empty() && asking_.empty() && slotted_.empty() && local_.empty() && !in_flight_ &&
+               give_back_ == 0 && (!fallback_ || fallback_->full());
     }
 
     void set_rate(rate r) override
@@ -147,6 +150,7 @@ public:
     {
         std::vector<waiter> done;
         std::uint64_t give = 0;
+        std::vector<std::string> args;
         {
             std::lock_guard lock{mutex_};
             if (closed_) return;
@@ -163,12 +167,13 @@ public:
                 if (w.handler) done.push_back(std::move(w));
             give += give_back_;
             give_back_ = 0;
+            if (give > 0) args = gcra_args(limits_, give, {});
+            for (auto& l : local_) l.signal.emit(asio::cancellation_type::terminal);
         }
         for (auto& w : done) post(std::move(w.handler), asio::error::operation_aborted);
         if (give > 0) {
             given_back_.fetch_add(give, std::memory_order_relaxed);
-            conn_->exec(gcra_args(limits_, give, {}), &gcra_script(),
-                        redis_exec_handler([](error_code, redis_reply) {}));
+            conn_->exec(std::move(args), &gcra_script(), redis_exec_handler([](error_code, redis_reply) {}));
         }
     }
 
@@ -205,10 +210,13 @@ private:
     void make_fallback()
     {
         const auto burst = [&](std::size_t b) { return std::max<std::size_t>(1, b / instances_); };
+        fallback_burst_ = burst(given_.front().burst);
         fallback_ = std::make_unique<bucket_resource>(conn_->executor(), local_rate(given_.front().limit),
-                                                      burst(given_.front().burst));
-        for (std::size_t i = 1; i < given_.size(); ++i)
+                                                      fallback_burst_);
+        for (std::size_t i = 1; i < given_.size(); ++i) {
             fallback_->also_limit(local_rate(given_[i].limit), burst(given_[i].burst));
+            fallback_burst_ = std::min(fallback_burst_, burst(given_[i].burst));
+        }
     }
 
     double interval_ns() const
@@ -227,18 +235,37 @@ private:
         return std::min(burst, free_ns / interval_ns());
     }
 
-    // Settles an acquisition the store could not decide, by the policy (no lock held).
-    void settle(acquire_handler h, std::size_t n, error_code ec)
+    // Settles an acquisition the store could not decide, by the policy (under the lock). A
+    // closed connection decides nothing: the waiter is aborted, whatever the policy.
+    void settle(std::unique_lock<std::mutex>&, waiter w, error_code ec)
     {
+        if (ec == asio::error::operation_aborted) return post(std::move(w.handler), ec);
         store_failures_.fetch_add(1, std::memory_order_relaxed);
         switch (policy_) {
         case store_failure::fail_open:
-            return post(std::move(h), {});
-        case store_failure::fail_local:
-            return fallback_->async_acquire(n, std::move(h));
+            return post(std::move(w.handler), {});
         case store_failure::fail_closed:
-            return post(std::move(h), ec);
+            return post(std::move(w.handler), ec);
+        case store_failure::fail_local:
+            break;
         }
+        // The local bucket waits under a cancellation signal of ours, emitted by cancel(id)
+        // under the lock: the caller's own slot keeps our handler (no foreign-thread emplace).
+        local_.emplace_back(w.id);
+        auto& l = local_.back();
+        const std::size_t n = std::min(w.n, fallback_burst_);
+        fallback_->async_acquire(
+            n, acquire_handler(asio::bind_cancellation_slot(
+                   l.signal.slot(), [self = shared_from_this(), id = w.id, h = std::move(w.handler)](error_code e) mutable {
+                       self->local_done(id);
+                       self->post(std::move(h), e);
+                   })));
+    }
+
+    void local_done(std::uint64_t id)
+    {
+        std::lock_guard lock{mutex_};
+        local_.remove_if([id](const local_waiter& l) { return l.id == id; });
     }
 
     void cancel(std::uint64_t id)
@@ -265,6 +292,8 @@ private:
             lock.unlock();
             return post(std::move(h), asio::error::operation_aborted);
         }
+        for (auto& l : local_)
+            if (l.id == id) return l.signal.emit(asio::cancellation_type::terminal);
     }
 
     // Sends the next script call if none is in flight and there is something to ask or give
@@ -297,16 +326,19 @@ private:
     void on_reply(error_code ec, const redis_reply& reply, std::size_t count)
     {
         std::vector<std::pair<acquire_handler, error_code>> done;
-        std::vector<waiter> unsettled;
-        error_code failure;
         {
             std::unique_lock lock{mutex_};
             in_flight_ = false;
             const auto now = clock::now();
             auto result = ec ? std::nullopt : gcra_parse(reply, count);
             if (!result) {
-                failure = ec ? ec : error_code{errc::store_error};
-                if (!ec && !logged_script_error_) {
+                error_code failure = ec ? ec : error_code{errc::store_error};
+                // A reply that says Redis cannot serve now is an outage, not a fault of ours.
+                if (!ec && reply.type == redis_reply::kind::error &&
+                    (reply.str.starts_with("LOADING") || reply.str.starts_with("BUSY") ||
+                     reply.str.starts_with("MASTERDOWN") || reply.str.starts_with("TRYAGAIN")))
+                    failure = errc::store_unavailable;
+                if (failure == errc::store_error && !logged_script_error_) {
                     logged_script_error_ = true;
                     if (auto l = logger(); l->should_log(spdlog::level::err))
                         l->error("valve: redis {}: valve's script failed: {}", conn_->where(),
@@ -314,10 +346,10 @@ private:
                 }
                 // Their fate in Redis is unknown: what they may have taken stays taken.
                 for (auto& w : asking_)
-                    if (w.handler) unsettled.push_back(std::move(w));
+                    if (w.handler) settle(lock, std::move(w), failure);
                 asking_.clear();
                 if (ec) { // the connection is down: every queued waiter would fail the same way
-                    for (auto& w : queue_) unsettled.push_back(std::move(w));
+                    for (auto& w : queue_) settle(lock, std::move(w), failure);
                     queue_.clear();
                 }
             } else {
@@ -330,7 +362,9 @@ private:
                         if (wait >= 0) give_back_ += w.n;
                         continue;
                     }
-                    if (wait < 0) {
+                    // The deadline was measured from the call; the slot counts from the reply.
+                    if (wait < 0 || now + std::chrono::microseconds(wait) > w.deadline) {
+                        if (wait >= 0) give_back_ += w.n;
                         done.emplace_back(std::move(w.handler), errc::would_exceed_deadline);
                         continue;
                     }
@@ -356,7 +390,6 @@ private:
             }
         }
         for (auto& [h, e] : done) post(std::move(h), e);
-        for (auto& w : unsettled) settle(std::move(w.handler), w.n, failure);
     }
 
     // Arms the timer for the earliest slot (under the lock).
@@ -396,11 +429,19 @@ private:
     std::size_t instances_;
     std::size_t batch_;
     std::unique_ptr<bucket_resource> fallback_; // fail_local
+    std::size_t fallback_burst_ = 1;              // the least burst of its buckets
+
+    struct local_waiter {
+        explicit local_waiter(std::uint64_t i) : id(i) {}
+        std::uint64_t id;
+        asio::cancellation_signal signal;
+    };
 
     mutable std::mutex mutex_;
     std::list<waiter> queue_;   // not yet asked for
     std::list<waiter> asking_;  // in the script call in flight
     std::list<waiter> slotted_; // granted, asleep until `ready`, earliest first
+    std::list<local_waiter> local_; // waiting on the fail_local bucket
     asio::steady_timer timer_;  // for slotted_.front()
     std::optional<time_point> armed_;
     bool in_flight_ = false;
@@ -416,9 +457,32 @@ private:
 
 namespace {
 
-std::shared_ptr<redis_limits> make_limits(const std::shared_ptr<redis_connection_impl>& conn, const std::string& name,
-                                          const std::vector<store_limit>& limits, store_failure policy,
-                                          std::size_t instances, std::size_t batch, const std::string& where)
+// Escapes what would change a key's meaning: '%' (the escape), '{' and '}' (a Redis Cluster
+// hash tag must be the whole name) and, in the parts of a dedicated name, '/'.
+std::string escape(std::string_view s, bool slash)
+{
+    std::string out;
+    for (char c : s) {
+        if (c == '%') out += "%25";
+        else if (c == '{') out += "%7B";
+        else if (c == '}') out += "%7D";
+        else if (slash && c == '/') out += "%2F";
+        else out += c;
+    }
+    return out;
+}
+
+// valve:{<key>}:<i> for a shared key (the name users give), valve:{<profile>/<user>}:user:<i>
+// for a dedicated profile's user: the two never meet, whatever the names.
+std::string key_base(const std::string& name, const std::optional<std::string>& user)
+{
+    if (!user) return "valve:{" + escape(name, false) + "}:";
+    return "valve:{" + escape(name, true) + "/" + escape(*user, true) + "}:user:";
+}
+
+std::vector<gcra_limit> keyed_limits(const std::string& name, const std::optional<std::string>& user,
+                                     const std::vector<store_limit>& limits, std::size_t instances, std::size_t batch,
+                                     const std::string& where)
 {
     if (name.empty()) throw_error(errc::invalid_argument, where + ": the key is empty; give the limit a name");
     if (limits.empty()) throw_error(errc::invalid_argument, where + ": no limit given");
@@ -426,25 +490,46 @@ std::shared_ptr<redis_limits> make_limits(const std::shared_ptr<redis_connection
         throw_error(errc::invalid_argument, where + ": instances is 0; give the number of processes, at least 1");
     if (batch == 0) throw_error(errc::invalid_argument, where + ": batch is 0; give at least 1");
     std::vector<gcra_limit> keyed;
+    const std::string base = key_base(name, user);
     for (std::size_t i = 0; i < limits.size(); ++i)
-        keyed.push_back({"valve:{" + name + "}:" + std::to_string(i),
-                         gcra_interval_of(limits[i].limit, limits[i].burst, where), limits[i].burst});
-    return std::make_shared<redis_limits>(conn, std::move(keyed), limits, policy, instances, batch);
+        keyed.push_back({base + std::to_string(i), gcra_interval_of(limits[i].limit, limits[i].burst, where),
+                         limits[i].burst});
+    return keyed;
+}
+
+std::shared_ptr<redis_limits> make_limits(const std::shared_ptr<redis_connection_impl>& conn, const std::string& name,
+                                          const std::optional<std::string>& user, const std::vector<store_limit>& limits,
+                                          store_failure policy, std::size_t instances, std::size_t batch,
+                                          const std::string& where)
+{
+    return std::make_shared<redis_limits>(conn, keyed_limits(name, user, limits, instances, batch, where), limits,
+                                          policy, instances, batch);
+}
+
+std::string stored_where(const std::string& shown, const store_request& request)
+{
+    return "valve: stored_in(" + shown + ") for \"" + request.name + "\"";
 }
 
 } // namespace
 
 std::shared_ptr<resource> redis_connection_impl::make_resource(const store_request& request)
 {
-    return make_limits(shared_from_this(), request.name, request.limits, request.on_failure, request.instances, 64,
-                       "valve: stored_in(" + url_.shown + ") for \"" + request.name + "\"");
+    return make_limits(shared_from_this(), request.name, request.user, request.limits, request.on_failure,
+                       request.instances, 64, stored_where(url_.shown, request));
+}
+
+void redis_connection_impl::check(const store_request& request) const
+{
+    keyed_limits(request.name, request.user, request.limits, request.instances, 64, stored_where(url_.shown, request));
 }
 
 } // namespace detail
 
 redis_bucket::redis_bucket(redis_connection& redis, std::string key, rate r, std::size_t burst,
                            redis_bucket_options options)
-    : impl_(detail::make_limits(redis.impl_, key, {{r, burst}}, options.on_failure, options.instances, options.batch,
+    : impl_(detail::make_limits(redis.impl_, key, std::nullopt, {{r, burst}}, options.on_failure, options.instances,
+                                options.batch,
                                 "valve: redis_bucket(\"" + key + "\")"))
 {
 }

@@ -156,7 +156,9 @@ void redis_connection_impl::became_up()
     finish_connect_waiters({});
     auto parked = std::move(held_);
     held_.clear();
+    const auto due = clock::now() + options_.reply_timeout; // their wait for a reply starts now
     for (auto& h : parked) {
+        h.p.deadline = due;
         const std::uint64_t id = h.script ? pipe_.push_script(*h.script, std::move(h.args)) : pipe_.push(std::move(h.args));
         pending_.emplace(id, std::move(h.p));
     }
@@ -166,7 +168,7 @@ void redis_connection_impl::became_up()
 
 void redis_connection_impl::exec(std::vector<std::string> args, const redis_script* script, redis_exec_handler h)
 {
-    pending p{std::move(h), clock::now() + options_.reply_timeout};
+    pending p{std::move(h), {}}; // its deadline counts from when it is queued on the strand
     asio::post(strand_, [self = shared_from_this(), args = std::move(args), script, p = std::move(p)]() mutable {
         self->enqueue(std::move(args), script, std::move(p));
     });
@@ -174,6 +176,8 @@ void redis_connection_impl::exec(std::vector<std::string> args, const redis_scri
 
 void redis_connection_impl::enqueue(std::vector<std::string> args, const redis_script* script, pending p)
 {
+    // Set here, on the strand, deadlines grow with ids: the oldest command is the first due.
+    p.deadline = clock::now() + options_.reply_timeout;
     switch (state_) {
     case state::up: {
         const std::uint64_t id = script ? pipe_.push_script(*script, std::move(args)) : pipe_.push(std::move(args));
@@ -406,6 +410,8 @@ redis_connection::redis_connection(const executor_type& ex, std::string_view url
 }
 
 redis_connection::~redis_connection() { impl_->close(); }
+
+void redis_connection::close() { impl_->close(); }
 
 redis_connection::executor_type redis_connection::get_executor() const noexcept { return impl_->executor(); }
 

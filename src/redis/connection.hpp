@@ -52,6 +52,7 @@ public:
     const boost::asio::any_io_executor& executor() const noexcept { return executor_; }
 
     std::shared_ptr<resource> make_resource(const store_request& request) override;
+    void check(const store_request& request) const override;
 
 private:
     enum class state { idle, connecting, handshaking, up, down, closed };

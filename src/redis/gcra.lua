@@ -3,7 +3,7 @@
 --
 -- Time is Redis's own (TIME), in whole microseconds; a limit's token interval T is q + r/d us
 -- (integers, d <= 2^20), and its state, the theoretical arrival time (TAT), is kept as
--- "us:frac" (us + frac/d). Every number stays an integer below 2^53, so Lua's doubles hold it
+-- "us:frac:d" (us + frac/d; read with another d after a rate change, the fraction is rounded up). Every number stays an integer below 2^53, so Lua's doubles hold it
 -- exactly: no floats, no drift.
 --
 -- ARGV[1]  now in us, for tests only ("" = Redis TIME); keys then get no expiry (their TTL
@@ -21,6 +21,9 @@ local function norm(u, f, d)
   if f < 0 then u = u - 1; f = f + d elseif f >= d then u = u + 1; f = f - d end
   return u, f
 end
+
+-- Redis < 5 replicates scripts verbatim unless told otherwise, and TIME would then forbid writes.
+if redis.replicate_commands then redis.replicate_commands() end
 
 local now
 local test_time = ARGV[1] ~= ''
@@ -40,9 +43,10 @@ for i = 1, nk do
   local tu, tf = now, 0
   local v = redis.call('GET', KEYS[i])
   if v then
-    local a, c = string.match(v, '^(%-?%d+):(%d+)$')
+    local a, c, sd = string.match(v, '^(%-?%d+):(%d+):(%d+)$')
     if a then
-      a = tonumber(a); c = tonumber(c)
+      a = tonumber(a); c = tonumber(c); sd = tonumber(sd)
+      if sd ~= d[i] then a, c = norm(a, math.ceil(c * d[i] / sd), d[i]) end
       if a > now or (a == now and c > 0) then tu, tf = a, c end
     end
   end
@@ -83,7 +87,7 @@ if changed then
     if us[i] > now or (us[i] == now and fr[i] > 0) then
       local ttl = us[i] - now
       if fr[i] > 0 then ttl = ttl + 1 end
-      local v = string.format('%.0f:%.0f', us[i], fr[i])
+      local v = string.format('%.0f:%.0f:%.0f', us[i], fr[i], d[i])
       if test_time then
         redis.call('SET', KEYS[i], v)
       else

@@ -314,6 +314,9 @@ redis_url parse_redis_url(std::string_view url)
         }
         if (path.empty() || path.front() != '/')
             bad_url(shown + std::string(rest), "the socket path must be absolute: unix:///path/to/redis.sock");
+        if (path.size() >= 108) // sizeof(sockaddr_un::sun_path) on Linux
+            bad_url(shown + std::string(rest), "the socket path is " + std::to_string(path.size()) +
+                                                   " bytes; a unix socket path must be shorter than 108");
         u.path = std::string(path);
         u.shown = shown + std::string(rest);
         return u;
