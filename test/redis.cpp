@@ -7,6 +7,7 @@
 #include <valve/bucket_core.hpp>
 #include <valve/error.hpp>
 #include <valve/manager.hpp>
+#include <valve/metrics.hpp>
 
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
@@ -352,6 +353,13 @@ TEST(redis_connection, comes_back_by_itself_when_redis_restarts)
     EXPECT_EQ(exec(redis, {"PING"}).str, "PONG");
     EXPECT_EQ(redis.stats().recoveries, 1u);
     EXPECT_GE(redis.stats().failures, 1u);
+    // The switch and the recovery are in /metrics.
+    valve::prometheus_writer w;
+    valve::add_metrics(w, redis.stats(), {{"redis", "main"}});
+    const std::string text = w.str();
+    EXPECT_NE(text.find("valve_redis_up{redis=\"main\"} 1"), std::string::npos) << text;
+    EXPECT_NE(text.find("valve_redis_recoveries_total{redis=\"main\"} 1"), std::string::npos) << text;
+    EXPECT_NE(text.find("# TYPE valve_redis_failures_total counter"), std::string::npos) << text;
 }
 
 TEST(redis_connection, a_redis_that_stops_answering_fails_waiting_commands_within_the_reply_timeout)
@@ -665,6 +673,13 @@ TEST_P(redis_failure, with_redis_killed_waiters_are_settled_by_the_policy_at_onc
         EXPECT_FALSE(bucket.try_acquire() != (policy == valve::store_failure::fail_open));
     }
     EXPECT_GE(bucket.stats().store_failures, 2u);
+    {
+        valve::prometheus_writer w;
+        valve::add_metrics(w, bucket.stats());
+        EXPECT_NE(w.str().find("valve_redis_store_failures_total " + std::to_string(bucket.stats().store_failures)),
+                  std::string::npos)
+            << w.str();
+    }
     // Redis is back: acquisitions go through it again, with no action by the user.
     server.start();
     wait_up(redis);

@@ -20,6 +20,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace valve {
@@ -45,13 +46,18 @@ struct redis_options {
                                   std::chrono::nanoseconds::max(), static_cast<std::size_t>(-1)};
 };
 
-/// Counters of a connection, monotonic since it was made.
+/// Counters of a connection, monotonic since it was made (but `up`).
 struct redis_connection_stats {
+    bool up = false;               ///< connected now
     std::uint64_t commands = 0;    ///< commands answered
     std::uint64_t failures = 0;    ///< times the connection failed (timeout, socket error, refused)
     std::uint64_t recoveries = 0;  ///< times it came back after a failure
     std::uint64_t script_loads = 0; ///< scripts loaded again after a NOSCRIPT reply
 };
+
+class prometheus_writer;
+/// (As in `valve/metrics.hpp`.)
+using metric_labels = std::vector<std::pair<std::string, std::string>>;
 
 namespace detail {
 class redis_connection_impl;
@@ -268,6 +274,16 @@ private:
     };
     std::shared_ptr<detail::redis_limits> impl_;
 };
+
+/// Adds a connection's samples to a `/metrics` answer: `valve_redis_up` (gauge),
+/// `valve_redis_commands_total`, `valve_redis_failures_total`, `valve_redis_recoveries_total`,
+/// `valve_redis_script_loads_total` (counters).
+prometheus_writer& add_metrics(prometheus_writer& w, const redis_connection_stats& s, const metric_labels& labels = {});
+
+/// Adds a Redis bucket's samples: `valve_redis_calls_total`, `valve_redis_granted_total`,
+/// `valve_redis_given_back_total`, `valve_redis_store_failures_total` (acquisitions settled by
+/// the failure policy).
+prometheus_writer& add_metrics(prometheus_writer& w, const redis_bucket_stats& s, const metric_labels& labels = {});
 
 } // namespace valve
 

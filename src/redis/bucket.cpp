@@ -320,7 +320,8 @@ private:
         conn_->exec(gcra_args(limits_, give, asks), &gcra_script(),
                     redis_exec_handler([self = shared_from_this(), count = asks.size()](error_code ec, redis_reply r) {
                         self->on_reply(ec, r, count);
-                    }));
+                    }),
+                    true);
     }
 
     void on_reply(error_code ec, const redis_reply& reply, std::size_t count)

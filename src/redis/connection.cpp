@@ -4,6 +4,7 @@
 
 #include <valve/error.hpp>
 #include <valve/log.hpp>
+#include <valve/metrics.hpp>
 
 #include <boost/asio/append.hpp>
 #include <boost/asio/connect.hpp>
@@ -73,7 +74,7 @@ std::string redis_connection_impl::last_error() const
 
 redis_connection_stats redis_connection_impl::stats() const noexcept
 {
-    return {commands_.load(), failures_.load(), recoveries_.load(), script_loads_.load()};
+    return {up(), commands_.load(), failures_.load(), recoveries_.load(), script_loads_.load()};
 }
 
 void redis_connection_impl::connect()
@@ -166,9 +167,10 @@ void redis_connection_impl::became_up()
     arm_timer();
 }
 
-void redis_connection_impl::exec(std::vector<std::string> args, const redis_script* script, redis_exec_handler h)
+void redis_connection_impl::exec(std::vector<std::string> args, const redis_script* script, redis_exec_handler h,
+                                 bool direct)
 {
-    pending p{std::move(h), {}}; // its deadline counts from when it is queued on the strand
+    pending p{std::move(h), {}, direct}; // its deadline counts from when it is queued on the strand
     asio::post(strand_, [self = shared_from_this(), args = std::move(args), script, p = std::move(p)]() mutable {
         self->enqueue(std::move(args), script, std::move(p));
     });
@@ -223,6 +225,7 @@ void redis_connection_impl::finish_connect_waiters(error_code ec)
 
 void redis_connection_impl::complete(pending p, error_code ec, redis_reply reply)
 {
+    if (p.direct) return std::move(p.handler)(ec, std::move(reply));
     asio::post(executor_, asio::append(std::move(p.handler), ec, std::move(reply)));
 }
 
@@ -424,5 +427,28 @@ redis_connection_stats redis_connection::stats() const noexcept { return impl_->
 std::string redis_connection::where() const { return impl_->where(); }
 
 stored_in_option stored_in(redis_connection& redis) { return {redis.impl_}; }
+
+prometheus_writer& add_metrics(prometheus_writer& w, const redis_connection_stats& s, const metric_labels& labels)
+{
+    return w.gauge("redis_up", "1 while the connection to Redis is up", s.up ? 1 : 0, labels)
+        .counter("redis_commands_total", "Redis commands answered", static_cast<double>(s.commands), labels)
+        .counter("redis_failures_total", "times the connection to Redis failed (timeout, socket error, refused)",
+                 static_cast<double>(s.failures), labels)
+        .counter("redis_recoveries_total", "times the connection to Redis came back after a failure",
+                 static_cast<double>(s.recoveries), labels)
+        .counter("redis_script_loads_total", "scripts loaded again after a NOSCRIPT reply",
+                 static_cast<double>(s.script_loads), labels);
+}
+
+prometheus_writer& add_metrics(prometheus_writer& w, const redis_bucket_stats& s, const metric_labels& labels)
+{
+    return w.counter("redis_calls_total", "script calls made for limits held in Redis", static_cast<double>(s.calls),
+                     labels)
+        .counter("redis_granted_total", "acquisitions granted through Redis", static_cast<double>(s.granted), labels)
+        .counter("redis_given_back_total", "tokens given back to Redis by cancelled waiters",
+                 static_cast<double>(s.given_back), labels)
+        .counter("redis_store_failures_total", "acquisitions settled by the failure policy while Redis failed",
+                 static_cast<double>(s.store_failures), labels);
+}
 
 } // namespace valve

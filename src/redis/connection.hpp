@@ -39,8 +39,10 @@ public:
     /// Fails what waits with operation_aborted and stops reconnecting.
     void close();
 
-    /// Sends `args` (or EVALSHA of `script` with `args`); `h` completes through its executor.
-    void exec(std::vector<std::string> args, const redis_script* script, redis_exec_handler h);
+    /// Sends `args` (or EVALSHA of `script` with `args`); `h` completes through its executor,
+    /// or, when `direct` (valve's own callbacks, which only take a short lock and post), is
+    /// called on the connection's strand: one hop less per call.
+    void exec(std::vector<std::string> args, const redis_script* script, redis_exec_handler h, bool direct = false);
     void wait_connected(redis_connect_handler h);
 
     bool up() const noexcept { return up_.load(std::memory_order_acquire); }
@@ -59,6 +61,7 @@ private:
     struct pending {
         redis_exec_handler handler;
         clock::time_point deadline;
+        bool direct = false;
     };
     struct held {
         std::vector<std::string> args;

@@ -87,7 +87,7 @@ if changed then
     if us[i] > now or (us[i] == now and fr[i] > 0) then
       local ttl = us[i] - now
       if fr[i] > 0 then ttl = ttl + 1 end
-      local v = string.format('%.0f:%.0f:%.0f', us[i], fr[i], d[i])
+      local v = string.format('%d:%d:%d', us[i], fr[i], d[i]) -- %d: Lua 5.1 formats a long, exact below 2^53
       if test_time then
         redis.call('SET', KEYS[i], v)
       else
