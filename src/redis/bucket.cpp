@@ -254,11 +254,13 @@ private:
         local_.emplace_back(w.id);
         auto& l = local_.back();
         const std::size_t n = std::min(w.n, fallback_burst_);
+        // The fallback's queue holds this handler: it holds the limits weakly (no cycle).
         fallback_->async_acquire(
             n, acquire_handler(asio::bind_cancellation_slot(
-                   l.signal.slot(), [self = shared_from_this(), id = w.id, h = std::move(w.handler)](error_code e) mutable {
-                       self->local_done(id);
-                       self->post(std::move(h), e);
+                   l.signal.slot(), [weak = weak_from_this(), ex = conn_->executor(), id = w.id,
+                                     h = std::move(w.handler)](error_code e) mutable {
+                       if (auto self = weak.lock()) self->local_done(id);
+                       asio::post(ex, asio::append(std::move(h), e));
                    })));
     }
 
@@ -318,8 +320,10 @@ private:
         in_flight_ = true;
         calls_.fetch_add(1, std::memory_order_relaxed);
         conn_->exec(gcra_args(limits_, give, asks), &gcra_script(),
-                    redis_exec_handler([self = shared_from_this(), count = asks.size()](error_code ec, redis_reply r) {
-                        self->on_reply(ec, r, count);
+                    // Held by the connection while in flight: weakly, so that the two never keep
+                    // each other alive (the limits' destructor aborts its waiters).
+                    redis_exec_handler([weak = weak_from_this(), count = asks.size()](error_code ec, redis_reply r) {
+                        if (auto self = weak.lock()) self->on_reply(ec, r, count);
                     }),
                     true);
     }
