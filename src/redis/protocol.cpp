@@ -8,25 +8,53 @@
 #include <array>
 #include <charconv>
 #include <cstdio>
+#include <initializer_list>
 #include <new>
 
 namespace valve::detail {
 
+namespace {
+
+// Appends `prefix` then `args`, formatted by hiredis, to `out`: no copy of the arguments.
+void append_command(std::string& out, std::initializer_list<std::string_view> prefix,
+                    const std::vector<std::string>& args)
+{
+    const std::size_t count = prefix.size() + args.size();
+    constexpr std::size_t small = 32;
+    const char* argv_small[small];
+    std::size_t lens_small[small];
+    std::vector<const char*> argv_big;
+    std::vector<std::size_t> lens_big;
+    const char** argv = argv_small;
+    std::size_t* lens = lens_small;
+    if (count > small) {
+        argv_big.resize(count);
+        lens_big.resize(count);
+        argv = argv_big.data();
+        lens = lens_big.data();
+    }
+    std::size_t i = 0;
+    for (auto p : prefix) {
+        argv[i] = p.data();
+        lens[i++] = p.size();
+    }
+    for (const auto& a : args) {
+        argv[i] = a.data();
+        lens[i++] = a.size();
+    }
+    char* formatted = nullptr;
+    const int n = redisFormatCommandArgv(&formatted, static_cast<int>(count), argv, lens);
+    if (n < 0 || formatted == nullptr) throw std::bad_alloc();
+    out.append(formatted, static_cast<std::size_t>(n));
+    redisFreeCommand(formatted);
+}
+
+} // namespace
+
 std::string format_command(const std::vector<std::string>& args)
 {
-    std::vector<const char*> argv;
-    std::vector<std::size_t> lens;
-    argv.reserve(args.size());
-    lens.reserve(args.size());
-    for (const auto& a : args) {
-        argv.push_back(a.data());
-        lens.push_back(a.size());
-    }
-    char* out = nullptr;
-    const int n = redisFormatCommandArgv(&out, static_cast<int>(argv.size()), argv.data(), lens.data());
-    if (n < 0 || out == nullptr) throw std::bad_alloc();
-    std::string s(out, static_cast<std::size_t>(n));
-    redisFreeCommand(out);
+    std::string s;
+    append_command(s, {}, args);
     return s;
 }
 
@@ -161,23 +189,18 @@ std::uint64_t redis_pipeline::push_script(const redis_script& script, std::vecto
     return id;
 }
 
-std::string redis_pipeline::format(const command& c) const
+void redis_pipeline::format(const command& c, std::string& out) const
 {
-    if (c.script == nullptr) return format_command(c.args);
-    if (c.id == 0) return format_command({"SCRIPT", "LOAD", c.script->text});
-    std::vector<std::string> full;
-    full.reserve(c.args.size() + 2);
-    full.emplace_back("EVALSHA");
-    full.push_back(c.script->sha1);
-    full.insert(full.end(), c.args.begin(), c.args.end());
-    return format_command(full);
+    if (c.script == nullptr) return append_command(out, {}, c.args);
+    if (c.id == 0) return append_command(out, {"SCRIPT", "LOAD", c.script->text}, {});
+    append_command(out, {"EVALSHA", c.script->sha1}, c.args);
 }
 
 std::string redis_pipeline::take_output()
 {
     std::string out;
     while (!queued_.empty()) {
-        out += format(queued_.front());
+        format(queued_.front(), out);
         sent_.push_back(std::move(queued_.front()));
         queued_.pop_front();
     }

@@ -93,7 +93,7 @@ private:
         const redis_script* script = nullptr; // EVALSHA of this script, or the script loaded (id 0)
         int resent = 0;
     };
-    std::string format(const command& c) const;
+    void format(const command& c, std::string& out) const;
 
     std::deque<command> queued_;
     std::deque<command> sent_;
