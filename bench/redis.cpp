@@ -40,17 +40,7 @@ namespace {
 
 void figure(const char* name, double value) { std::printf("%-40s %.3f\n", name, value); }
 
-struct running_context {
-    asio::io_context ioc;
-    asio::executor_work_guard<asio::io_context::executor_type> guard{ioc.get_executor()};
-    std::thread thread{[this] { ioc.run(); }};
-    ~running_context()
-    {
-        guard.reset();
-        ioc.stop();
-        thread.join();
-    }
-};
+using valve::test::running_context;
 
 void wait_connected(valve::redis_connection& c)
 {

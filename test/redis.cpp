@@ -40,18 +40,7 @@ using valve::test::redis_server;
 
 namespace {
 
-/// An io_context run by one thread for the length of a test.
-struct running_context {
-    asio::io_context ioc;
-    asio::executor_work_guard<asio::io_context::executor_type> guard{ioc.get_executor()};
-    std::thread thread{[this] { ioc.run(); }};
-    ~running_context()
-    {
-        guard.reset();
-        ioc.stop();
-        thread.join();
-    }
-};
+using valve::test::running_context;
 
 redis_reply exec(valve::redis_connection& c, std::vector<std::string> cmd, error_code* ec_out = nullptr)
 {

@@ -5,6 +5,9 @@
 // in a temporary directory, stopped by its PID. If it cannot start, the test fails and says why
 // (it never skips).
 
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+
 #include <gtest/gtest.h>
 
 #include <arpa/inet.h>
@@ -60,6 +63,19 @@ inline unsigned short free_port()
     ::close(fd);
     return ntohs(a.sin_port);
 }
+
+/// An io_context run by one thread for as long as this object lives.
+struct running_context {
+    boost::asio::io_context ioc;
+    boost::asio::executor_work_guard<boost::asio::io_context::executor_type> guard{ioc.get_executor()};
+    std::thread thread{[this] { ioc.run(); }};
+    ~running_context()
+    {
+        guard.reset();
+        ioc.stop();
+        thread.join();
+    }
+};
 
 class redis_server {
 public:
