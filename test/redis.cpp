@@ -3,6 +3,7 @@
 
 #include "redis/gcra.hpp"
 #include "redis_server.hpp"
+#include "support.hpp"
 
 #include <valve/bucket_core.hpp>
 #include <valve/error.hpp>
@@ -23,6 +24,7 @@
 
 extern char** environ;
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -486,6 +488,25 @@ TEST(redis_bucket, a_slot_beyond_the_deadline_is_refused_and_takes_nothing)
     EXPECT_LT(std::chrono::steady_clock::now() - start, 150ms);
 }
 
+TEST(redis_bucket, available_and_next_available_are_estimates_from_the_last_reply)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    valve::redis_bucket bucket{redis, "estimates", valve::rate::per_second(10), 5};
+    EXPECT_EQ(bucket.available(), 5.0); // nothing known yet: the burst
+    ASSERT_FALSE(acquire(bucket, 3));
+    EXPECT_NEAR(bucket.available(), 2.0, 0.2); // 2 left, refilling at 10/s
+    const auto first = bucket.next_available(1);
+    EXPECT_LE(first, std::chrono::steady_clock::now());
+    ASSERT_FALSE(acquire(bucket, 2));
+    const auto now = std::chrono::steady_clock::now();
+    const auto next = bucket.next_available(1);
+    EXPECT_GT(next, now + 50ms); // the next token is about 100 ms away
+    EXPECT_LT(next, now + 120ms);
+    EXPECT_LT(bucket.available(), 0.5);
+}
+
 static_assert(!std::is_copy_constructible_v<valve::redis_bucket>, "a copy would share (and close) one limit");
 
 TEST(redis_bucket, a_slot_that_comes_after_the_deadline_once_the_reply_is_in_is_refused_and_given_back)
@@ -713,6 +734,10 @@ TEST_P(redis_failure, a_killed_client_connection_settles_its_waiters_and_reconne
     valve::redis_bucket bucket{redis, "killed", valve::rate::per_second(1000), 100, {.on_failure = policy}};
     ASSERT_FALSE(acquire(bucket));
     EXPECT_GE(exec(admin, {"CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"}).integer, 1);
+    // The connection sees the kill (it may still look up for a moment), then comes back.
+    const auto until = std::chrono::steady_clock::now() + 5s;
+    while (redis.stats().failures == 0 && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(1ms);
+    ASSERT_EQ(redis.stats().failures, 1u);
     wait_up(redis);
     EXPECT_EQ(redis.stats().recoveries, 1u);
     EXPECT_FALSE(acquire(bucket));
@@ -950,4 +975,60 @@ TEST(redis_fleet, a_dedicated_profile_limits_a_user_across_two_processes)
     EXPECT_LE(alice, 100 * 2 + 10 + 2);
     EXPECT_GE(static_cast<double>(alice), 0.95 * (100 * 2 + 10));
     EXPECT_GE(static_cast<double>(results[2].granted), 0.95 * (100 * 2 + 10)); // bob is not slowed by alice
+}
+
+TEST_P(redis_failure, a_stored_profile_runs_each_task_once_or_tells_its_submitter_why_and_resumes)
+{
+    const auto policy = GetParam();
+    std::array<std::atomic<int>, 40> runs{}; // outlives the threads that run the tasks
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    valve::manager m{ctx.ioc.get_executor()};
+    m.register_profile("p", valve::shared_resource("tasks", valve::rate::per_second(200), 5), valve::worker_pool(4, 1000),
+                       valve::stored_in(redis), valve::on_store_failure(policy));
+    auto lim = m.get_limiter("p", "u");
+    // The outcome is read in the completion handler, on the thread that completes it (an
+    // exception_ptr's count is invisible to ThreadSanitizer across threads).
+    auto submit = [&](int i) {
+        auto p = std::make_shared<std::promise<std::pair<error_code, int>>>();
+        auto f = p->get_future();
+        lim->async_submit([&runs, i] { return ++runs[static_cast<std::size_t>(i)]; },
+                          [p](std::exception_ptr e, int v) { p->set_value({valve::test::code_of(e), v}); });
+        return f;
+    };
+    ASSERT_EQ(submit(0).wait_for(2s), std::future_status::ready);
+    // Tasks queued behind the rate when Redis dies; more come while it is down.
+    std::vector<std::future<std::pair<error_code, int>>> queued;
+    for (int i = 1; i < 20; ++i) queued.push_back(submit(i));
+    server.stop();
+    for (int i = 20; i < 30; ++i) queued.push_back(submit(i));
+    int ran = 0, refused = 0;
+    for (auto& f : queued) {
+        ASSERT_EQ(f.wait_for(5s), std::future_status::ready) << "a task was lost";
+        const auto [ec, v] = f.get();
+        if (!ec) {
+            EXPECT_EQ(v, 1);
+            ++ran;
+        } else {
+            EXPECT_EQ(ec, valve::errc::store_unavailable) << ec.message();
+            ++refused;
+        }
+    }
+    EXPECT_EQ(ran + refused, 29);
+    if (policy == valve::store_failure::fail_closed) {
+        EXPECT_GT(refused, 0);
+    } else {
+        EXPECT_EQ(refused, 0);
+    }
+    for (int i = 0; i < 30; ++i) EXPECT_LE(runs[static_cast<std::size_t>(i)].load(), 1) << "task " << i << " ran twice";
+    // Back: tasks run through Redis again.
+    server.start();
+    wait_up(redis);
+    std::vector<std::future<std::pair<error_code, int>>> after;
+    for (int i = 30; i < 40; ++i) after.push_back(submit(i));
+    for (auto& f : after) {
+        ASSERT_EQ(f.wait_for(5s), std::future_status::ready);
+        EXPECT_EQ(f.get(), std::make_pair(error_code{}, 1));
+    }
 }
