@@ -373,6 +373,25 @@ TEST(redis_connection, a_redis_that_stops_answering_fails_waiting_commands_withi
     EXPECT_NE(redis.last_error().find("did not answer"), std::string::npos) << redis.last_error();
 }
 
+TEST(redis_connection, a_reply_timeout_as_long_as_the_clock_allows_means_wait_as_long_as_it_takes)
+{
+    // now + milliseconds::max() overflows the clock: it used to wrap into the past and fail every
+    // command at once as overdue.
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url(),
+                                  {.reply_timeout = std::chrono::milliseconds::max()}};
+    valve::redis_connection other{ctx.ioc.get_executor(), server.url(), {.reply_timeout = 2s}};
+    ASSERT_FALSE(connect(redis)) << redis.last_error();
+    ASSERT_FALSE(connect(other)) << other.last_error();
+    other.async_exec({"DEBUG", "SLEEP", "0.2"}, [](error_code, redis_reply) {});
+    std::this_thread::sleep_for(10ms);
+    error_code ec;
+    EXPECT_EQ(exec(redis, {"PING"}, &ec).str, "PONG");
+    EXPECT_FALSE(ec) << ec.message();
+    EXPECT_TRUE(redis.is_up());
+}
+
 // ---- redis_bucket ----------------------------------------------------------------------------
 
 TEST(redis_bucket, grants_the_burst_then_the_rate)

@@ -39,7 +39,8 @@ struct redis_reply {
 struct redis_options {
     /// A command not answered this long after it was issued fails the connection: every
     /// command waiting on it fails with `errc::store_unavailable`, new ones fail at once until
-    /// it is back. Also the longest a connection attempt may take.
+    /// it is back. Also the longest a connection attempt may take. Positive;
+    /// `milliseconds::max()` waits as long as it takes.
     std::chrono::milliseconds reply_timeout{50};
     /// Delays between reconnection attempts (jittered, capped; never gives up).
     exponential_backoff reconnect{std::chrono::milliseconds(25), 2.0, std::chrono::seconds(1), 0.5,

@@ -4,6 +4,7 @@
 
 #include <valve/error.hpp>
 #include <valve/log.hpp>
+#include <valve/detail/saturate.hpp>
 #include <valve/metrics.hpp>
 
 #include <boost/asio/append.hpp>
@@ -82,7 +83,7 @@ void redis_connection_impl::connect()
     if (state_ == state::closed) return;
     state_ = state::connecting;
     const std::uint64_t gen = ++gen_;
-    attempt_deadline_ = clock::now() + options_.reply_timeout;
+    attempt_deadline_ = reply_due();
     arm_timer();
     auto on_connect = [self = shared_from_this(), gen](const error_code& ec) {
         if (gen != self->gen_) return;
@@ -157,7 +158,7 @@ void redis_connection_impl::became_up()
     finish_connect_waiters({});
     auto parked = std::move(held_);
     held_.clear();
-    const auto due = clock::now() + options_.reply_timeout; // their wait for a reply starts now
+    const auto due = reply_due(); // their wait for a reply starts now
     for (auto& h : parked) {
         h.p.deadline = due;
         const std::uint64_t id = h.script ? pipe_.push_script(*h.script, std::move(h.args)) : pipe_.push(std::move(h.args));
@@ -176,10 +177,15 @@ void redis_connection_impl::exec(std::vector<std::string> args, const redis_scri
     });
 }
 
+redis_connection_impl::clock::time_point redis_connection_impl::reply_due() const
+{
+    return detail::saturating_add(clock::now(), options_.reply_timeout);
+}
+
 void redis_connection_impl::enqueue(std::vector<std::string> args, const redis_script* script, pending p)
 {
     // Set here, on the strand, deadlines grow with ids: the oldest command is the first due.
-    p.deadline = clock::now() + options_.reply_timeout;
+    p.deadline = reply_due();
     switch (state_) {
     case state::up: {
         const std::uint64_t id = script ? pipe_.push_script(*script, std::move(args)) : pipe_.push(std::move(args));

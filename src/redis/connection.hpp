@@ -77,6 +77,8 @@ private:
     void flush(std::uint64_t gen);
     void enqueue(std::vector<std::string> args, const redis_script* script, pending p);
     void arm_timer();
+    // When a command sent now is overdue: now + reply_timeout, the clock's end at the most.
+    clock::time_point reply_due() const;
     void on_timer(std::uint64_t gen);
     void fail(std::uint64_t gen, boost::system::error_code ec, const std::string& why);
     void schedule_reconnect();
