@@ -507,6 +507,21 @@ TEST(redis_bucket, a_slot_beyond_the_deadline_is_refused_and_takes_nothing)
     EXPECT_LT(std::chrono::steady_clock::now() - start, 150ms);
 }
 
+TEST(redis_bucket, a_deadline_of_now_takes_what_redis_has_now_and_says_no_otherwise)
+{
+    // The fleet-wide "now or 429": the deadline has passed by the time Redis answers, but a
+    // slot that is now (wait 0) is granted, as token_bucket grants tokens it has.
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    valve::redis_bucket bucket{redis, "now-or-never", valve::rate::per_second(1), 2};
+    EXPECT_FALSE(acquire(bucket, 1, std::chrono::steady_clock::now()));
+    EXPECT_FALSE(acquire(bucket, 1, std::chrono::steady_clock::now() - 1h));
+    EXPECT_EQ(acquire(bucket, 1, std::chrono::steady_clock::now()), valve::errc::would_exceed_deadline);
+    EXPECT_EQ(acquire(bucket, 1, std::chrono::steady_clock::time_point::min()), valve::errc::would_exceed_deadline);
+    EXPECT_EQ(bucket.stats().granted, 2u);
+}
+
 TEST(redis_bucket, available_and_next_available_are_estimates_from_the_last_reply)
 {
     redis_server server;

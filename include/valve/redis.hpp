@@ -238,7 +238,9 @@ public:
 
     /// As above, but fails with `errc::would_exceed_deadline` when Redis's answer is that the
     /// slot would come after `deadline` (nothing is kept then: a slot granted too late is given
-    /// back). Under `fail_local` the deadline is not applied to the local bucket.
+    /// back). A slot Redis has now is granted whatever the deadline, as `token_bucket` grants
+    /// tokens it holds: `async_acquire(1, steady_clock::now(), ...)` is a fleet-wide "now or
+    /// no" in one round trip. Under `fail_local` the deadline is not applied to the local bucket.
     template <class CompletionToken>
     auto async_acquire(std::size_t n, time_point deadline, CompletionToken&& token)
     {

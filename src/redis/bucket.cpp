@@ -3,6 +3,8 @@
 
 #include "../detail/cancellation.hpp"
 
+#include <valve/detail/saturate.hpp>
+
 #include <valve/error.hpp>
 #include <valve/log.hpp>
 #include <valve/redis.hpp>
@@ -308,9 +310,13 @@ private:
         std::vector<gcra_ask> asks;
         while (!queue_.empty() && asks.size() < batch_) {
             auto& w = queue_.front();
+            // A deadline already past still takes a slot that is now, as token_bucket grants
+            // tokens it holds whatever the deadline.
             std::int64_t max_wait = gcra_no_deadline;
             if (w.deadline != time_point::max())
-                max_wait = std::chrono::duration_cast<std::chrono::microseconds>(w.deadline - now).count();
+                max_wait = std::clamp<std::int64_t>(
+                    std::chrono::duration_cast<std::chrono::microseconds>(detail::saturating_sub(w.deadline.time_since_epoch(), now.time_since_epoch())).count(),
+                    0, gcra_no_deadline);
             asks.push_back({w.n, max_wait});
             asking_.splice(asking_.end(), queue_, queue_.begin());
         }
@@ -367,8 +373,9 @@ private:
                         if (wait >= 0) give_back_ += w.n;
                         continue;
                     }
-                    // The deadline was measured from the call; the slot counts from the reply.
-                    if (wait < 0 || now + std::chrono::microseconds(wait) > w.deadline) {
+                    // The deadline was measured from the call; the slot counts from the reply
+                    // (a slot that is now is granted, as above).
+                    if (wait < 0 || (wait > 0 && now + std::chrono::microseconds(wait) > w.deadline)) {
                         if (wait >= 0) give_back_ += w.n;
                         done.emplace_back(std::move(w.handler), errc::would_exceed_deadline);
                         continue;
