@@ -83,6 +83,26 @@ error_code acquire(valve::redis_bucket& b, std::size_t n = 1,
     return f.get();
 }
 
+// Waits (up to 10 s) until `done()` holds; false if it never did.
+template <class Done>
+bool eventually(Done done)
+{
+    const auto until = std::chrono::steady_clock::now() + 10s;
+    while (!done()) {
+        if (std::chrono::steady_clock::now() > until) return false;
+        std::this_thread::sleep_for(1ms);
+    }
+    return true;
+}
+
+// How many single tokens `b` gets now (a deadline of now), until Redis says none is left.
+int take_all_now(valve::redis_bucket& b)
+{
+    int n = 0;
+    while (!acquire(b, 1, std::chrono::steady_clock::now())) ++n;
+    return n;
+}
+
 // Runs valve's script with an explicit time (us) and returns its reply.
 valve::detail::gcra_result run_script(valve::redis_connection& c, const std::vector<valve::detail::gcra_limit>& limits,
                                       std::uint64_t give, const std::vector<valve::detail::gcra_ask>& asks,
@@ -522,6 +542,89 @@ TEST(redis_bucket, a_deadline_of_now_takes_what_redis_has_now_and_says_no_otherw
     EXPECT_EQ(bucket.stats().granted, 2u);
 }
 
+TEST(redis_bucket, try_acquire_says_yes_only_from_tokens_taken_ahead_from_redis)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    valve::redis_connection other{ctx.ioc.get_executor(), server.url()};
+    const auto per_hour = valve::rate::per(1, 1h); // no token comes back during the test
+    valve::redis_bucket a{redis, "stocked", per_hour, 10, {.stock = 4, .stock_hold = 10min}};
+    valve::redis_bucket b{other, "stocked", per_hour, 10};
+    valve::redis_bucket plain{redis, "plain", per_hour, 10};
+    EXPECT_FALSE(plain.try_acquire()); // no stock: no I/O, no yes
+    EXPECT_FALSE(a.try_acquire());     // none taken yet; this asks for 4
+    ASSERT_TRUE(eventually([&] { return a.stats().stocked == 4; }));
+    EXPECT_EQ(take_all_now(b), 6) << "the stock is taken from the key every process shares";
+    for (int i = 0; i < 4; ++i) EXPECT_TRUE(a.try_acquire()) << i;
+    EXPECT_FALSE(a.try_acquire()); // the key is empty: nothing more
+    EXPECT_EQ(a.stats().try_granted, 4u);
+    EXPECT_EQ(a.stats().stocked, 4u);
+    EXPECT_TRUE(a.try_acquire(0)); // zero is always granted
+}
+
+TEST(redis_bucket, threads_racing_on_try_acquire_never_get_more_than_the_key_holds)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    valve::redis_connection other{ctx.ioc.get_executor(), server.url()};
+    const auto per_hour = valve::rate::per(1, 1h);
+    valve::redis_bucket a{redis, "raced", per_hour, 50, {.stock = 8, .stock_hold = 10min}};
+    valve::redis_bucket b{other, "raced", per_hour, 50};
+    std::atomic<int> yes{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t)
+        threads.emplace_back([&] {
+            for (int i = 0; i < 20'000 && yes.load() + static_cast<int>(b.stats().granted) < 60; ++i)
+                if (a.try_acquire()) ++yes;
+        });
+    const int by_b = take_all_now(b);
+    for (auto& t : threads) t.join();
+    // Whatever the interleaving: every yes was a token Redis debited, and no more than 50 were.
+    EXPECT_LE(yes.load() + by_b, 50);
+    EXPECT_EQ(static_cast<std::uint64_t>(yes.load()), a.stats().try_granted);
+    EXPECT_LE(a.stats().try_granted, a.stats().stocked);
+    EXPECT_GT(yes.load(), 0);
+}
+
+TEST(redis_bucket, a_stocked_token_held_too_long_is_given_back_not_used)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    valve::redis_connection other{ctx.ioc.get_executor(), server.url()};
+    const auto per_hour = valve::rate::per(1, 1h);
+    valve::redis_bucket a{redis, "stale", per_hour, 6, {.stock = 4, .stock_hold = 50ms}};
+    valve::redis_bucket b{other, "stale", per_hour, 6};
+    EXPECT_FALSE(a.try_acquire());
+    ASSERT_TRUE(eventually([&] { return a.stats().stocked == 4; }));
+    EXPECT_TRUE(a.try_acquire());
+    std::this_thread::sleep_for(60ms); // past the hold: the 3 left are stale
+    EXPECT_FALSE(a.try_acquire()) << "a token taken more than stock_hold ago was used";
+    // They went back to Redis, and 4 were stocked again in the same call.
+    ASSERT_TRUE(eventually([&] { return a.stats().stocked == 8; }));
+    EXPECT_EQ(a.stats().given_back, 3u);
+    EXPECT_EQ(take_all_now(b), 1) << "6 - 1 used - 4 stocked";
+}
+
+TEST(redis_bucket, a_stock_is_given_back_when_the_bucket_goes)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    valve::redis_connection other{ctx.ioc.get_executor(), server.url()};
+    const auto per_hour = valve::rate::per(1, 1h);
+    valve::redis_bucket b{other, "closing", per_hour, 6};
+    {
+        valve::redis_bucket a{redis, "closing", per_hour, 6, {.stock = 4, .stock_hold = 10min}};
+        EXPECT_FALSE(a.try_acquire());
+        ASSERT_TRUE(eventually([&] { return a.stats().stocked == 4; }));
+    }
+    exec(redis, {"PING"}); // after the give-back, on the same connection
+    EXPECT_EQ(take_all_now(b), 6);
+}
+
 TEST(redis_bucket, available_and_next_available_are_estimates_from_the_last_reply)
 {
     redis_server server;
@@ -609,6 +712,14 @@ TEST(redis_bucket, bad_arguments_are_errors_at_the_call)
     EXPECT_NE(message([&] {
                   valve::redis_bucket b(redis, "k", valve::rate::per_second(1), 1, {.instances = 0});
               }).find("instances"),
+              std::string::npos);
+    EXPECT_NE(message([&] {
+                  valve::redis_bucket b(redis, "k", valve::rate::per_second(1), 1, {.batch = 8, .stock = 9});
+              }).find("stock is 9, more than batch (8)"),
+              std::string::npos);
+    EXPECT_NE(message([&] {
+                  valve::redis_bucket b(redis, "k", valve::rate::per_second(1), 1, {.stock = 2, .stock_hold = 0ms});
+              }).find("stock_hold is 0"),
               std::string::npos);
     valve::redis_bucket b(redis, "k", valve::rate::per_second(1), 2);
     std::optional<error_code> got;

@@ -183,6 +183,15 @@ struct redis_bucket_options {
     std::size_t instances = 1;
     /// The most local waiters one script call reserves for.
     std::size_t batch = 64;
+    /// Tokens this process may take from Redis ahead of need, so that `try_acquire` can say
+    /// yes with no I/O (at most `batch`). 0: `try_acquire` says no while Redis is reachable.
+    /// Refilled, in the background, once half is used and the key has tokens to spare.
+    std::size_t stock = 0;
+    /// How long a stocked token may wait for a `try_acquire`; then it is given back, unused.
+    /// Every token used was taken from Redis at most this long before, so the fleet gets at
+    /// most rate x stock_hold more tokens in any window than the key allows (and no more
+    /// than the stocks hold). Positive when `stock` is.
+    std::chrono::milliseconds stock_hold{100};
 };
 
 /// Counters of a bucket held in Redis, monotonic since it was made.
@@ -191,6 +200,8 @@ struct redis_bucket_stats {
     std::uint64_t granted = 0;        ///< acquisitions granted through Redis
     std::uint64_t given_back = 0;     ///< tokens given back (cancelled waiters)
     std::uint64_t store_failures = 0; ///< acquisitions settled by the failure policy
+    std::uint64_t stocked = 0;        ///< tokens taken from Redis for the stock
+    std::uint64_t try_granted = 0;    ///< `try_acquire` calls answered yes from the stock
 };
 
 /// A token bucket held in Redis under `valve:{key}:0`: one rate for every process using the
@@ -200,7 +211,8 @@ struct redis_bucket_stats {
 /// flight per process, reserving slots for up to `batch` queued waiters at once; each waiter
 /// then sleeps on a local timer until its slot. So a process calls Redis about once per grant
 /// when the key is busy, and far less when many local waiters share it. `try_acquire` does no
-/// I/O: while Redis is reachable it says no (every grant is Redis's), and while Redis fails it
+/// I/O: while Redis is reachable it says yes only from tokens already taken from Redis for
+/// this process (`redis_bucket_options::stock`; none by default), and while Redis fails it
 /// answers by the failure policy (`fail_open`: yes; `fail_local`: the local bucket's answer).
 ///
 /// Thread safety: every member may be called from any thread.
@@ -285,7 +297,7 @@ prometheus_writer& add_metrics(prometheus_writer& w, const redis_connection_stat
 
 /// Adds a Redis bucket's samples: `valve_redis_calls_total`, `valve_redis_granted_total`,
 /// `valve_redis_given_back_total`, `valve_redis_store_failures_total` (acquisitions settled by
-/// the failure policy).
+/// the failure policy), `valve_redis_stocked_total`, `valve_redis_try_granted_total`.
 prometheus_writer& add_metrics(prometheus_writer& w, const redis_bucket_stats& s, const metric_labels& labels = {});
 
 } // namespace valve

@@ -19,6 +19,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <deque>
 #include <list>
 #include <mutex>
 #include <utility>
@@ -38,18 +39,26 @@ namespace detail {
 /// waiters; each then sleeps until its slot on one timer (the earliest slot's). When the
 /// connection fails, waiters still without a slot are settled by the failure policy at once.
 ///
+/// With a stock, the same call also takes up to `stock` single tokens that Redis has now, for
+/// `try_acquire` to hand out with no I/O. A stocked token unused for `stock_hold` is given back
+/// and never handed out: every token used was taken from Redis at most `stock_hold` earlier, so
+/// the fleet gets at most rate x stock_hold tokens more in a window than the key allows.
+///
 /// Thread safety: every member may be called from any thread; state is under `mutex_`, and
 /// nothing waits or completes a handler inline while holding it (completions are posted).
 class redis_limits final : public resource, public std::enable_shared_from_this<redis_limits> {
 public:
     redis_limits(std::shared_ptr<redis_connection_impl> conn, std::vector<gcra_limit> limits,
-                 std::vector<store_limit> given, store_failure policy, std::size_t instances, std::size_t batch)
+                 std::vector<store_limit> given, store_failure policy, std::size_t instances, std::size_t batch,
+                 std::size_t stock, std::chrono::nanoseconds stock_hold)
         : conn_(std::move(conn)),
           limits_(std::move(limits)),
           given_(std::move(given)),
           policy_(policy),
           instances_(instances),
           batch_(batch),
+          stock_target_(stock),
+          stock_hold_(stock_hold),
           timer_(conn_->executor())
     {
         if (policy_ == store_failure::fail_local) make_fallback();
@@ -72,7 +81,29 @@ public:
                 return false;
             }
         }
-        return false; // no I/O here: only Redis grants tokens
+        if (stock_target_ == 0) return false; // no I/O here: only Redis grants tokens
+        std::unique_lock lock{mutex_};
+        if (closed_) return false;
+        const auto now = clock::now();
+        drop_stale(now);
+        bool ok = false;
+        // Queued waiters asked first: the stock does not overtake them.
+        if (queue_.empty() && stock_count_ >= n) {
+            for (std::size_t left = n; left > 0;) {
+                auto& front = stock_.front();
+                const std::size_t k = std::min(left, front.n);
+                front.n -= k;
+                left -= k;
+                if (front.n == 0) stock_.pop_front();
+            }
+            stock_count_ -= n;
+            try_granted_.fetch_add(1, std::memory_order_relaxed);
+            ok = true;
+        }
+        // Refilled once half is used, and not before the key has tokens again.
+        if (stock_count_ <= stock_target_ / 2 && now >= stock_retry_at_) stock_wanted_ = true;
+        kick(lock);
+        return ok;
     }
 
     void async_acquire(std::size_t n, acquire_handler h) override { start(n, time_point::max(), std::move(h)); }
@@ -130,7 +161,7 @@ public:
         // waiter, and its local fallback (if any) is full.
         std::lock_guard lock{mutex_};
         return queue_.empty() && asking_.empty() && slotted_.empty() && local_.empty() && !in_flight_ &&
-               give_back_ == 0 && (!fallback_ || fallback_->full());
+               give_back_ == 0 && stock_count_ == 0 && (!fallback_ || fallback_->full());
     }
 
     void set_rate(rate r) override
@@ -144,7 +175,8 @@ public:
 
     redis_bucket_stats stats() const noexcept
     {
-        return {calls_.load(), granted_.load(), given_back_.load(), store_failures_.load()};
+        return {calls_.load(), granted_.load(), given_back_.load(), store_failures_.load(), stocked_.load(),
+                try_granted_.load()};
     }
 
     /// Aborts every local waiter and gives their slots back.
@@ -167,8 +199,10 @@ public:
             }
             for (auto& w : asking_)
                 if (w.handler) done.push_back(std::move(w));
-            give += give_back_;
+            give += give_back_ + stock_count_;
             give_back_ = 0;
+            stock_.clear();
+            stock_count_ = 0;
             if (give > 0) args = gcra_args(limits_, give, {});
             for (auto& l : local_) l.signal.emit(asio::cancellation_type::terminal);
         }
@@ -305,7 +339,7 @@ private:
     void kick(std::unique_lock<std::mutex>&)
     {
         if (in_flight_ || closed_) return;
-        if (queue_.empty() && give_back_ == 0) return;
+        if (queue_.empty() && give_back_ == 0 && !stock_wanted_) return;
         const auto now = clock::now();
         std::vector<gcra_ask> asks;
         while (!queue_.empty() && asks.size() < batch_) {
@@ -319,6 +353,14 @@ private:
                     0, gcra_no_deadline);
             asks.push_back({w.n, max_wait});
             asking_.splice(asking_.end(), queue_, queue_.begin());
+        }
+        // Tokens for the stock, one at a time and only if Redis has them now (max_wait 0).
+        stock_asked_ = 0;
+        if (stock_wanted_) {
+            stock_wanted_ = false;
+            stock_asked_ = std::min(stock_target_ - std::min(stock_target_, stock_count_), batch_ - asks.size());
+            for (std::size_t i = 0; i < stock_asked_; ++i) asks.push_back({1, 0});
+            stock_call_at_ = now;
         }
         const std::uint64_t give = give_back_;
         give_back_ = 0;
@@ -391,8 +433,10 @@ private:
                     slotted_.insert(at, std::move(w));
                 }
                 asking_.clear();
+                take_stock(lock, *result, i, now);
                 arm(lock);
             }
+            stock_asked_ = 0;
             if (!closed_) {
                 kick(lock);
             } else if (give_back_ > 0) { // slots granted after close() to waiters it aborted
@@ -402,6 +446,40 @@ private:
             }
         }
         for (auto& [h, e] : done) post(std::move(h), e);
+    }
+
+    // Stocks the tokens Redis granted for the stock (results from index `i` on), or, if it had
+    // none, notes when it will (under the lock).
+    void take_stock(std::unique_lock<std::mutex>&, const gcra_result& result, std::size_t i, time_point now)
+    {
+        std::size_t got = 0;
+        for (std::size_t j = 0; j < stock_asked_; ++j) {
+            const std::int64_t wait = result.waits[i + j];
+            if (wait < 0) { // and so are the rest: the key has no more now
+                stock_retry_at_ = now + std::chrono::microseconds(-1 - wait);
+                break;
+            }
+            ++got;
+        }
+        if (got == 0) return;
+        stocked_.fetch_add(got, std::memory_order_relaxed);
+        if (closed_) { // after close(): back at once
+            give_back_ += got;
+            return;
+        }
+        // Counted from the call: the tokens were taken no earlier than that.
+        stock_.push_back({got, stock_call_at_});
+        stock_count_ += got;
+    }
+
+    // Gives back stocked tokens held longer than stock_hold (under the lock).
+    void drop_stale(time_point now)
+    {
+        while (!stock_.empty() && now - stock_.front().at > stock_hold_) {
+            give_back_ += stock_.front().n;
+            stock_count_ -= stock_.front().n;
+            stock_.pop_front();
+        }
     }
 
     // Arms the timer for the earliest slot (under the lock).
@@ -440,6 +518,8 @@ private:
     store_failure policy_;
     std::size_t instances_;
     std::size_t batch_;
+    std::size_t stock_target_;
+    std::chrono::nanoseconds stock_hold_;
     std::unique_ptr<bucket_resource> fallback_; // fail_local
     std::size_t fallback_burst_ = 1;              // the least burst of its buckets
 
@@ -464,7 +544,18 @@ private:
     std::int64_t last_free_us_ = 0;
     std::optional<time_point> last_reply_;
 
-    std::atomic<std::uint64_t> calls_{0}, granted_{0}, given_back_{0}, store_failures_{0};
+    struct stocked {
+        std::size_t n;
+        time_point at; // when the call that took them was made
+    };
+    std::deque<stocked> stock_; // tokens taken for try_acquire, oldest first
+    std::size_t stock_count_ = 0;
+    std::size_t stock_asked_ = 0; // stock asks in the call in flight (after its waiters')
+    bool stock_wanted_ = false;
+    time_point stock_retry_at_{}; // the key had no token to spare until then
+    time_point stock_call_at_{};
+
+    std::atomic<std::uint64_t> calls_{0}, granted_{0}, given_back_{0}, store_failures_{0}, stocked_{0}, try_granted_{0};
 };
 
 namespace {
@@ -512,10 +603,18 @@ std::vector<gcra_limit> keyed_limits(const std::string& name, const std::optiona
 std::shared_ptr<redis_limits> make_limits(const std::shared_ptr<redis_connection_impl>& conn, const std::string& name,
                                           const std::optional<std::string>& user, const std::vector<store_limit>& limits,
                                           store_failure policy, std::size_t instances, std::size_t batch,
-                                          const std::string& where)
+                                          const std::string& where, std::size_t stock = 0,
+                                          std::chrono::nanoseconds stock_hold = {})
 {
+    if (stock > 0 && stock_hold <= std::chrono::nanoseconds::zero())
+        throw_error(errc::invalid_argument, where + ": stock_hold is " + std::to_string(stock_hold.count()) +
+                                                " ns; give a positive hold for the stock of " + std::to_string(stock) +
+                                                " tokens");
+    if (stock > batch)
+        throw_error(errc::invalid_argument, where + ": stock is " + std::to_string(stock) + ", more than batch (" +
+                                                std::to_string(batch) + "), the most one call takes; lower it");
     return std::make_shared<redis_limits>(conn, keyed_limits(name, user, limits, instances, batch, where), limits,
-                                          policy, instances, batch);
+                                          policy, instances, batch, stock, stock_hold);
 }
 
 std::string stored_where(const std::string& shown, const store_request& request)
@@ -541,8 +640,8 @@ void redis_connection_impl::check(const store_request& request) const
 redis_bucket::redis_bucket(redis_connection& redis, std::string key, rate r, std::size_t burst,
                            redis_bucket_options options)
     : impl_(detail::make_limits(redis.impl_, key, std::nullopt, {{r, burst}}, options.on_failure, options.instances,
-                                options.batch,
-                                "valve: redis_bucket(\"" + key + "\")"))
+                                options.batch, "valve: redis_bucket(\"" + key + "\")", options.stock,
+                                std::chrono::duration_cast<std::chrono::nanoseconds>(options.stock_hold)))
 {
 }
 

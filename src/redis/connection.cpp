@@ -454,7 +454,11 @@ prometheus_writer& add_metrics(prometheus_writer& w, const redis_bucket_stats& s
         .counter("redis_given_back_total", "tokens given back to Redis by cancelled waiters",
                  static_cast<double>(s.given_back), labels)
         .counter("redis_store_failures_total", "acquisitions settled by the failure policy while Redis failed",
-                 static_cast<double>(s.store_failures), labels);
+                 static_cast<double>(s.store_failures), labels)
+        .counter("redis_stocked_total", "tokens taken from Redis ahead of need for try_acquire",
+                 static_cast<double>(s.stocked), labels)
+        .counter("redis_try_granted_total", "try_acquire calls answered yes from tokens taken ahead",
+                 static_cast<double>(s.try_granted), labels);
 }
 
 } // namespace valve
