@@ -6,6 +6,8 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
+#include "promtool.hpp"
+
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -233,6 +235,7 @@ TEST(http_server, answers_503_or_a_degraded_200_exactly_when_the_shared_queue_is
     const auto res = c.get("/metrics");
     ASSERT_EQ(res.result(), http::status::ok);
     EXPECT_EQ(res[http::field::content_type], "text/plain; version=0.0.4");
+    EXPECT_TRUE(valve::test::promtool_accepts(res.body()));
     const auto m = parse_metrics(res.body());
     EXPECT_EQ(m.at("valve_tasks_rejected_total{profile=\"expensive\"}"), 6);
     EXPECT_EQ(m.at("valve_tasks_completed_total{profile=\"expensive\"}"), 6);

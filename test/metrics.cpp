@@ -1,6 +1,8 @@
 #include <valve/error.hpp>
 #include <valve/metrics.hpp>
 
+#include "promtool.hpp"
+
 #include <gtest/gtest.h>
 
 #include <map>
@@ -63,6 +65,7 @@ TEST(metrics, limiter_stats_in_the_prometheus_text_format)
     EXPECT_EQ(m.count("valve_seconds_since_progress{profile=\"free-tier\"}"), 0u) << "no task has started";
     EXPECT_NE(text.find("# TYPE valve_tasks_submitted_total counter\n"), std::string::npos);
     EXPECT_NE(text.find("# TYPE valve_tasks_queued gauge\n"), std::string::npos);
+    EXPECT_TRUE(valve::test::promtool_accepts(text));
 }
 
 TEST(metrics, samples_of_one_metric_are_grouped_and_labels_escaped)
@@ -78,6 +81,7 @@ TEST(metrics, samples_of_one_metric_are_grouped_and_labels_escaped)
     EXPECT_NE(text.find("app_rate_tokens_per_second{key=\"quote\\\" back\\\\slash\\nnewline\"} 2.5\n"),
               std::string::npos)
         << text;
+    EXPECT_TRUE(valve::test::promtool_accepts(text)); // the escapes, grouping and HELP as Prometheus reads them
 }
 
 TEST(metrics, bad_names_are_refused)

@@ -2,6 +2,7 @@
 #include <valve/redis.hpp>
 
 #include "redis/gcra.hpp"
+#include "promtool.hpp"
 #include "redis_server.hpp"
 #include "support.hpp"
 
@@ -642,6 +643,29 @@ TEST(redis_bucket, available_and_next_available_are_estimates_from_the_last_repl
     EXPECT_GT(next, now + 50ms); // the next token is about 100 ms away
     EXPECT_LT(next, now + 120ms);
     EXPECT_LT(bucket.available(), 0.5);
+}
+
+TEST(redis_bucket, connection_and_bucket_counters_reach_metrics_that_promtool_accepts)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    valve::redis_bucket bucket{redis, "metered", valve::rate::per(1, 1h), 3, {.stock = 2, .stock_hold = 10min}};
+    ASSERT_FALSE(acquire(bucket));
+    EXPECT_FALSE(bucket.try_acquire());
+    ASSERT_TRUE(eventually([&] { return bucket.stats().stocked == 2; }));
+    EXPECT_TRUE(bucket.try_acquire()); // half the stock used: one more call finds the key empty
+    ASSERT_TRUE(eventually([&] { return bucket.stats().calls == 3; }));
+    valve::prometheus_writer w;
+    add_metrics(w, redis.stats(), {{"redis", "main"}});
+    add_metrics(w, bucket.stats(), {{"key", "metered"}});
+    const std::string text = w.str();
+    EXPECT_TRUE(valve::test::promtool_accepts(text));
+    EXPECT_NE(text.find("valve_redis_up{redis=\"main\"} 1\n"), std::string::npos) << text;
+    EXPECT_NE(text.find("valve_redis_granted_total{key=\"metered\"} 1\n"), std::string::npos) << text;
+    EXPECT_NE(text.find("valve_redis_stocked_total{key=\"metered\"} 2\n"), std::string::npos) << text;
+    EXPECT_NE(text.find("valve_redis_try_granted_total{key=\"metered\"} 1\n"), std::string::npos) << text;
+    EXPECT_NE(text.find("valve_redis_calls_total{key=\"metered\"} 3\n"), std::string::npos) << text;
 }
 
 static_assert(!std::is_copy_constructible_v<valve::redis_bucket>, "a copy would share (and close) one limit");
