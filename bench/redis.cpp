@@ -2,7 +2,8 @@
 // redis-server this program starts on a free loopback port:
 //
 //   script calls/s on one connection, 64 in flight  vs  redis-benchmark -c 1 -P 64 of the same
-//                                                         EVALSHA (valve's script)
+//                                                         EVALSHA (valve's script); with how busy
+//                                                         redis-server was in each, and at 256 in flight
 //   one key at 100k/s, 64 local waiters: share of the rate granted, Redis calls per grant
 //   one waiter per process at saturation: calls per grant  vs  deny-and-retry (sleep
 //                                                         retry_after, ask again)
@@ -31,6 +32,8 @@
 #include <thread>
 #include <vector>
 
+#include <unistd.h>
+
 namespace asio = boost::asio;
 using namespace std::chrono_literals;
 using boost::system::error_code;
@@ -39,6 +42,23 @@ using clk = std::chrono::steady_clock;
 namespace {
 
 void figure(const char* name, double value) { std::printf("%-40s %.3f\n", name, value); }
+
+// CPU seconds a process has used (user + system), from /proc.
+double cpu_seconds(pid_t pid)
+{
+    std::FILE* f = std::fopen(("/proc/" + std::to_string(pid) + "/stat").c_str(), "r");
+    if (!f) return 0;
+    char buf[1024] = {};
+    const std::size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+    std::fclose(f);
+    const std::string stat(buf, n);
+    const auto close = stat.rfind(')'); // fields after the command name: state is field 3
+    unsigned long utime = 0, stime = 0;
+    if (close == std::string::npos ||
+        std::sscanf(stat.c_str() + close + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &utime, &stime) != 2)
+        return 0;
+    return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
 
 using valve::test::running_context;
 
@@ -268,11 +288,26 @@ int main()
     const std::string url = server.url();
     std::printf("# redis-server %s on 127.0.0.1:%u; every figure below is from this run\n", "7", server.port());
 
+    double cpu0 = cpu_seconds(server.pid());
+    auto t0 = clk::now();
     const double ours = script_calls_per_second(url, 64, 2000ms); // (loads the script)
+    const double ours_busy = (cpu_seconds(server.pid()) - cpu0) / std::chrono::duration<double>(clk::now() - t0).count();
+    cpu0 = cpu_seconds(server.pid());
+    t0 = clk::now();
     const double bench_rps = redis_benchmark_evalsha(server, 64, 200000);
+    const double bench_busy = (cpu_seconds(server.pid()) - cpu0) / std::chrono::duration<double>(clk::now() - t0).count();
     figure("redis_benchmark_evalsha_p64_per_s", bench_rps);
     figure("redis_script_calls_per_s_64_in_flight", ours);
     figure("redis_script_calls_ratio", bench_rps > 0 ? ours / bench_rps : 0);
+    // Why: the share of the time redis-server was on a CPU. Below 1, it waited for commands.
+    figure("redis_server_busy_share_redis_benchmark", bench_busy);
+    figure("redis_server_busy_share_64_in_flight", ours_busy);
+    cpu0 = cpu_seconds(server.pid());
+    t0 = clk::now();
+    const double ours256 = script_calls_per_second(url, 256, 2000ms);
+    const double busy256 = (cpu_seconds(server.pid()) - cpu0) / std::chrono::duration<double>(clk::now() - t0).count();
+    figure("redis_script_calls_per_s_256_in_flight", ours256);
+    figure("redis_server_busy_share_256_in_flight", busy256);
 
     // Burst 100 (1 ms of the rate) absorbs a late timer; burst 1 loses whatever a gap costs.
     const auto hot = one_key(url, 100'000, 100, 64, 2000ms);
