@@ -184,13 +184,17 @@ struct redis_bucket_options {
     /// The most local waiters one script call reserves for.
     std::size_t batch = 64;
     /// Tokens this process may take from Redis ahead of need, so that `try_acquire` can say
-    /// yes with no I/O (at most `batch`). 0: `try_acquire` says no while Redis is reachable.
-    /// Refilled, in the background, once half is used and the key has tokens to spare.
+    /// yes with no I/O (at most `batch`); an `async_acquire` with nobody ahead of it takes
+    /// them too, with no round trip. The stock never overtakes a waiter. 0: `try_acquire`
+    /// says no while Redis is reachable. Once half is used, the next script call (one is made
+    /// by the acquisition or `try_acquire` that finds it so) asks for more, if the key had
+    /// tokens to spare when last asked.
     std::size_t stock = 0;
-    /// How long a stocked token may wait for a `try_acquire`; then it is given back, unused.
-    /// Every token used was taken from Redis at most this long before, so the fleet gets at
-    /// most rate x stock_hold more tokens in any window than the key allows (and no more
-    /// than the stocks hold). Positive when `stock` is.
+    /// How long a stocked token may wait to be used; after that it is never handed out, and
+    /// it is given back with the next call (or when the bucket goes). Every token used was
+    /// taken from Redis at most this long before, so the fleet gets at most
+    /// rate x stock_hold more tokens in any window than the key allows (and no more than the
+    /// stocks hold). Positive when `stock` is.
     std::chrono::milliseconds stock_hold{100};
 };
 
@@ -198,7 +202,7 @@ struct redis_bucket_options {
 struct redis_bucket_stats {
     std::uint64_t calls = 0;          ///< script calls made
     std::uint64_t granted = 0;        ///< acquisitions granted through Redis
-    std::uint64_t given_back = 0;     ///< tokens given back (cancelled waiters)
+    std::uint64_t given_back = 0;     ///< tokens given back: cancelled waiters' slots, stale stock, stock on close
     std::uint64_t store_failures = 0; ///< acquisitions settled by the failure policy
     std::uint64_t stocked = 0;        ///< tokens taken from Redis for the stock
     std::uint64_t try_granted = 0;    ///< `try_acquire` calls answered yes from the stock

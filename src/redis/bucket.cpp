@@ -84,24 +84,8 @@ public:
         if (stock_target_ == 0) return false; // no I/O here: only Redis grants tokens
         std::unique_lock lock{mutex_};
         if (closed_) return false;
-        const auto now = clock::now();
-        drop_stale(now);
-        bool ok = false;
-        // Queued waiters asked first: the stock does not overtake them.
-        if (queue_.empty() && stock_count_ >= n) {
-            for (std::size_t left = n; left > 0;) {
-                auto& front = stock_.front();
-                const std::size_t k = std::min(left, front.n);
-                front.n -= k;
-                left -= k;
-                if (front.n == 0) stock_.pop_front();
-            }
-            stock_count_ -= n;
-            try_granted_.fetch_add(1, std::memory_order_relaxed);
-            ok = true;
-        }
-        // Refilled once half is used, and not before the key has tokens again.
-        if (stock_count_ <= stock_target_ / 2 && now >= stock_retry_at_) stock_wanted_ = true;
+        const bool ok = take_from_stock(n, clock::now());
+        if (ok) try_granted_.fetch_add(1, std::memory_order_relaxed);
         kick(lock);
         return ok;
     }
@@ -121,6 +105,11 @@ public:
         auto slot = asio::get_associated_cancellation_slot(h);
         if (slot.is_connected()) slot.template emplace<cancel_handler>(weak_from_this(), id);
         if (conn_->failing()) return settle(lock, waiter{std::move(h), n, deadline, id}, errc::store_unavailable);
+        if (stock_target_ > 0 && take_from_stock(n, clock::now())) { // nobody ahead, and tokens at hand
+            granted_.fetch_add(1, std::memory_order_relaxed);
+            kick(lock);
+            return post(std::move(h), {});
+        }
         queue_.push_back(waiter{std::move(h), n, deadline, id});
         kick(lock);
     }
@@ -339,8 +328,9 @@ private:
     void kick(std::unique_lock<std::mutex>&)
     {
         if (in_flight_ || closed_) return;
-        if (queue_.empty() && give_back_ == 0 && !stock_wanted_) return;
         const auto now = clock::now();
+        drop_stale(now);
+        if (queue_.empty() && give_back_ == 0 && !wants_stock(now)) return;
         std::vector<gcra_ask> asks;
         while (!queue_.empty() && asks.size() < batch_) {
             auto& w = queue_.front();
@@ -356,9 +346,8 @@ private:
         }
         // Tokens for the stock, one at a time and only if Redis has them now (max_wait 0).
         stock_asked_ = 0;
-        if (stock_wanted_) {
-            stock_wanted_ = false;
-            stock_asked_ = std::min(stock_target_ - std::min(stock_target_, stock_count_), batch_ - asks.size());
+        if (wants_stock(now)) {
+            stock_asked_ = std::min(stock_target_ - stock_count_, batch_ - asks.size());
             for (std::size_t i = 0; i < stock_asked_; ++i) asks.push_back({1, 0});
             stock_call_at_ = now;
         }
@@ -397,6 +386,8 @@ private:
                         l->error("valve: redis {}: valve's script failed: {}", conn_->where(),
                                  reply.type == redis_reply::kind::error ? reply.str : "a reply of another shape");
                 }
+                // No stock asks until a while later: a failing Redis is not asked again and again.
+                if (stock_asked_ > 0) stock_retry_at_ = now + std::max(stock_hold_, std::chrono::nanoseconds(std::chrono::milliseconds(10)));
                 // Their fate in Redis is unknown: what they may have taken stays taken.
                 for (auto& w : asking_)
                     if (w.handler) settle(lock, std::move(w), failure);
@@ -470,6 +461,32 @@ private:
         // Counted from the call: the tokens were taken no earlier than that.
         stock_.push_back({got, stock_call_at_});
         stock_count_ += got;
+    }
+
+    // Whether a call should ask for stock: half of it is used, and the key had tokens to spare
+    // when last asked (under the lock).
+    bool wants_stock(time_point now) const
+    {
+        return stock_target_ > 0 && !closed_ && stock_count_ <= stock_target_ / 2 && now >= stock_retry_at_;
+    }
+
+    // Takes `n` stocked tokens if no waiter is ahead, queued, asking or asleep until its slot
+    // (under the lock): the stock never overtakes them.
+    bool take_from_stock(std::size_t n, time_point now)
+    {
+        drop_stale(now);
+        if (stock_count_ < n || !queue_.empty() || !slotted_.empty()) return false;
+        if (std::any_of(asking_.begin(), asking_.end(), [](const waiter& w) { return static_cast<bool>(w.handler); }))
+            return false;
+        for (std::size_t left = n; left > 0;) {
+            auto& front = stock_.front();
+            const std::size_t k = std::min(left, front.n);
+            front.n -= k;
+            left -= k;
+            if (front.n == 0) stock_.pop_front();
+        }
+        stock_count_ -= n;
+        return true;
     }
 
     // Gives back stocked tokens held longer than stock_hold (under the lock).
@@ -551,7 +568,6 @@ private:
     std::deque<stocked> stock_; // tokens taken for try_acquire, oldest first
     std::size_t stock_count_ = 0;
     std::size_t stock_asked_ = 0; // stock asks in the call in flight (after its waiters')
-    bool stock_wanted_ = false;
     time_point stock_retry_at_{}; // the key had no token to spare until then
     time_point stock_call_at_{};
 
