@@ -943,6 +943,32 @@ TEST_P(redis_failure, with_redis_asleep_waiters_are_settled_by_the_policy_within
     }
 }
 
+TEST(redis_bucket, a_redis_busy_with_a_long_script_is_unavailable_not_an_error_and_work_resumes)
+{
+    // Redis answers BUSY to every command while another client's script runs past the
+    // threshold: an outage (settled by the policy), not a fault of valve's script.
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url(), {.reply_timeout = 5s}};
+    valve::redis_connection admin{ctx.ioc.get_executor(), server.url(), {.reply_timeout = 5s}};
+    valve::redis_connection blocker{ctx.ioc.get_executor(), server.url(), {.reply_timeout = 30s}};
+    ASSERT_FALSE(connect(redis)) << redis.last_error();
+    ASSERT_FALSE(connect(admin)) << admin.last_error();
+    ASSERT_FALSE(connect(blocker)) << blocker.last_error();
+    valve::redis_bucket bucket{redis, "busy", valve::rate::per_second(100), 10};
+    ASSERT_FALSE(acquire(bucket)); // the script is loaded and works
+    EXPECT_EQ(exec(admin, {"CONFIG", "SET", "lua-time-limit", "10"}).str, "OK");
+    std::promise<void> blocked_done;
+    blocker.async_exec({"EVAL", "while true do end", "0"}, [&](error_code, redis_reply) { blocked_done.set_value(); });
+    std::this_thread::sleep_for(50ms); // past the 10 ms threshold: Redis now answers BUSY
+    EXPECT_EQ(acquire(bucket), valve::errc::store_unavailable);
+    EXPECT_EQ(bucket.stats().store_failures, 1u);
+    EXPECT_EQ(exec(admin, {"SCRIPT", "KILL"}).str, "OK");
+    blocked_done.get_future().wait();
+    EXPECT_FALSE(acquire(bucket)) << "work resumes once the script is killed";
+    EXPECT_TRUE(redis.is_up()) << "BUSY is an answer: the connection stayed up";
+}
+
 TEST_P(redis_failure, a_killed_client_connection_settles_its_waiters_and_reconnects)
 {
     const auto policy = GetParam();
