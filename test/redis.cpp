@@ -549,16 +549,32 @@ TEST(redis_bucket, a_deadline_of_now_takes_what_redis_has_now_and_says_no_otherw
     EXPECT_EQ(bucket.stats().granted, 2u);
 }
 
-TEST(redis_bucket, try_acquire_says_yes_only_from_tokens_taken_ahead_from_redis)
-{
+namespace {
+
+// One key as two processes hold it: `a` (on `redis`) with a stock, `b` (on `other`) without; the
+// rate is so slow that no token comes back during a test.
+struct stocked_pair {
+    stocked_pair(const std::string& key, std::size_t burst, std::size_t stock, std::chrono::milliseconds hold)
+        : a{redis, key, valve::rate::per(1, 1h), burst, {.stock = stock, .stock_hold = hold}},
+          b{other, key, valve::rate::per(1, 1h), burst}
+    {
+    }
     redis_server server;
     running_context ctx;
     valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
     valve::redis_connection other{ctx.ioc.get_executor(), server.url()};
-    const auto per_hour = valve::rate::per(1, 1h); // no token comes back during the test
-    valve::redis_bucket a{redis, "stocked", per_hour, 10, {.stock = 4, .stock_hold = 10min}};
-    valve::redis_bucket b{other, "stocked", per_hour, 10};
-    valve::redis_bucket plain{redis, "plain", per_hour, 10};
+    valve::redis_bucket a;
+    valve::redis_bucket b;
+};
+
+} // namespace
+
+TEST(redis_bucket, try_acquire_says_yes_only_from_tokens_taken_ahead_from_redis)
+{
+    stocked_pair s{"stocked", 10, 4, 10min};
+    auto& a = s.a;
+    auto& b = s.b;
+    valve::redis_bucket plain{s.redis, "plain", valve::rate::per(1, 1h), 10};
     EXPECT_FALSE(plain.try_acquire()); // no stock: no I/O, no yes
     EXPECT_FALSE(a.try_acquire());     // none taken yet; this asks for 4
     ASSERT_TRUE(eventually([&] { return a.stats().stocked == 4; }));
@@ -572,13 +588,9 @@ TEST(redis_bucket, try_acquire_says_yes_only_from_tokens_taken_ahead_from_redis)
 
 TEST(redis_bucket, the_stock_serves_an_acquisition_with_nobody_ahead_and_never_overtakes_a_waiter)
 {
-    redis_server server;
-    running_context ctx;
-    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
-    valve::redis_connection other{ctx.ioc.get_executor(), server.url()};
-    const auto per_hour = valve::rate::per(1, 1h);
-    valve::redis_bucket a{redis, "fair-stock", per_hour, 10, {.stock = 4, .stock_hold = 10min}};
-    valve::redis_bucket b{other, "fair-stock", per_hour, 10};
+    stocked_pair s{"fair-stock", 10, 4, 10min};
+    auto& a = s.a;
+    auto& b = s.b;
     EXPECT_FALSE(a.try_acquire());
     ASSERT_TRUE(eventually([&] { return a.stats().stocked == 4; }));
     EXPECT_EQ(take_all_now(b), 6);
@@ -599,13 +611,9 @@ TEST(redis_bucket, the_stock_serves_an_acquisition_with_nobody_ahead_and_never_o
 
 TEST(redis_bucket, an_empty_key_is_asked_for_stock_once_until_it_has_tokens_again)
 {
-    redis_server server;
-    running_context ctx;
-    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
-    valve::redis_connection other{ctx.ioc.get_executor(), server.url()};
-    const auto per_hour = valve::rate::per(1, 1h);
-    valve::redis_bucket a{redis, "empty-stock", per_hour, 10, {.stock = 4, .stock_hold = 10min}};
-    valve::redis_bucket b{other, "empty-stock", per_hour, 10};
+    stocked_pair s{"empty-stock", 10, 4, 10min};
+    auto& a = s.a;
+    auto& b = s.b;
     EXPECT_EQ(take_all_now(b), 10);
     // Refused try_acquires while the one call is out, and after its answer: no call more.
     for (int i = 0; i < 1000; ++i) EXPECT_FALSE(a.try_acquire());
@@ -618,13 +626,9 @@ TEST(redis_bucket, an_empty_key_is_asked_for_stock_once_until_it_has_tokens_agai
 
 TEST(redis_bucket, threads_racing_on_try_acquire_never_get_more_than_the_key_holds)
 {
-    redis_server server;
-    running_context ctx;
-    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
-    valve::redis_connection other{ctx.ioc.get_executor(), server.url()};
-    const auto per_hour = valve::rate::per(1, 1h);
-    valve::redis_bucket a{redis, "raced", per_hour, 50, {.stock = 8, .stock_hold = 10min}};
-    valve::redis_bucket b{other, "raced", per_hour, 50};
+    stocked_pair s{"raced", 50, 8, 10min};
+    auto& a = s.a;
+    auto& b = s.b;
     std::atomic<int> yes{0};
     std::vector<std::thread> threads;
     for (int t = 0; t < 4; ++t)
@@ -643,13 +647,9 @@ TEST(redis_bucket, threads_racing_on_try_acquire_never_get_more_than_the_key_hol
 
 TEST(redis_bucket, a_stocked_token_held_too_long_is_given_back_not_used)
 {
-    redis_server server;
-    running_context ctx;
-    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
-    valve::redis_connection other{ctx.ioc.get_executor(), server.url()};
-    const auto per_hour = valve::rate::per(1, 1h);
-    valve::redis_bucket a{redis, "stale", per_hour, 6, {.stock = 4, .stock_hold = 50ms}};
-    valve::redis_bucket b{other, "stale", per_hour, 6};
+    stocked_pair s{"stale", 6, 4, 50ms};
+    auto& a = s.a;
+    auto& b = s.b;
     EXPECT_FALSE(a.try_acquire());
     ASSERT_TRUE(eventually([&] { return a.stats().stocked == 4; }));
     EXPECT_TRUE(a.try_acquire());
