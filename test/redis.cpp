@@ -661,6 +661,16 @@ TEST(redis_bucket, a_stocked_token_held_too_long_is_given_back_not_used)
     EXPECT_EQ(take_all_now(b), 1) << "6 - 1 used - 4 stocked";
 }
 
+TEST(redis_bucket, a_stock_nobody_uses_goes_back_to_redis_when_it_expires)
+{
+    // Traffic stops: nothing calls the bucket again, and its stock must not stay debited.
+    stocked_pair s{"idle-stock", 6, 4, 50ms};
+    EXPECT_FALSE(s.a.try_acquire());
+    ASSERT_TRUE(eventually([&] { return s.a.stats().stocked == 4; }));
+    ASSERT_TRUE(eventually([&] { return s.a.stats().given_back == 4; })) << "the stock stayed taken";
+    EXPECT_EQ(take_all_now(s.b), 6);
+}
+
 TEST(redis_bucket, a_stock_is_given_back_when_the_bucket_goes)
 {
     redis_server server;

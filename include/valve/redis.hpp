@@ -186,13 +186,12 @@ struct redis_bucket_options {
     /// Tokens this process may take from Redis ahead of need, so that `try_acquire` can say
     /// yes with no I/O (at most `batch`); an `async_acquire` with nobody ahead of it takes
     /// them too, with no round trip. The stock never overtakes a waiter. 0: `try_acquire`
-    /// says no while Redis is reachable. Once half is used, the next script call (one is made
-    /// by the acquisition or `try_acquire` that finds it so) asks for more, if the key had
-    /// tokens to spare when last asked.
+    /// says no while Redis is reachable. Once a caller finds half of it used, a script call
+    /// asks for more, if the key had tokens to spare when last asked.
     std::size_t stock = 0;
     /// How long a stocked token may wait to be used; after that it is never handed out, and
-    /// it is given back with the next call (or when the bucket goes). Every token used was
-    /// taken from Redis at most this long before, so the fleet gets at most
+    /// it is given back to Redis (and not taken again until a caller wants stock). Every token
+    /// used was taken from Redis at most this long before, so the fleet gets at most
     /// rate x stock_hold more tokens in any window than the key allows (and no more than the
     /// stocks hold). Positive when `stock` is.
     std::chrono::milliseconds stock_hold{100};

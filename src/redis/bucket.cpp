@@ -59,7 +59,8 @@ public:
           batch_(batch),
           stock_target_(stock),
           stock_hold_(stock_hold),
-          timer_(conn_->executor())
+          timer_(conn_->executor()),
+          stock_timer_(conn_->executor())
     {
         if (policy_ == store_failure::fail_local) make_fallback();
     }
@@ -179,6 +180,7 @@ public:
             if (closed_) return;
             closed_ = true;
             timer_.cancel();
+            stock_timer_.cancel();
             for (auto* list : {&queue_, &slotted_}) {
                 for (auto& w : *list) {
                     if (list == &slotted_) give += w.n;
@@ -330,7 +332,8 @@ private:
         if (in_flight_ || closed_) return;
         const auto now = clock::now();
         drop_stale(now);
-        if (queue_.empty() && give_back_ == 0 && !wants_stock(now)) return;
+        const bool ask_stock = wants_stock(now);
+        if (queue_.empty() && give_back_ == 0 && !ask_stock) return;
         std::vector<gcra_ask> asks;
         while (!queue_.empty() && asks.size() < batch_) {
             auto& w = queue_.front();
@@ -346,7 +349,8 @@ private:
         }
         // Tokens for the stock, one at a time and only if Redis has them now (max_wait 0).
         stock_asked_ = 0;
-        if (wants_stock(now)) {
+        if (ask_stock) {
+            stock_wanted_ = false;
             stock_asked_ = std::min(stock_target_ - stock_count_, batch_ - asks.size());
             for (std::size_t i = 0; i < stock_asked_; ++i) asks.push_back({1, 0});
             stock_call_at_ = now;
@@ -441,7 +445,7 @@ private:
 
     // Stocks the tokens Redis granted for the stock (results from index `i` on), or, if it had
     // none, notes when it will (under the lock).
-    void take_stock(std::unique_lock<std::mutex>&, const gcra_result& result, std::size_t i, time_point now)
+    void take_stock(std::unique_lock<std::mutex>& lock, const gcra_result& result, std::size_t i, time_point now)
     {
         std::size_t got = 0;
         for (std::size_t j = 0; j < stock_asked_; ++j) {
@@ -461,13 +465,39 @@ private:
         // Counted from the call: the tokens were taken no earlier than that.
         stock_.push_back({got, stock_call_at_});
         stock_count_ += got;
+        arm_stock(lock);
     }
 
-    // Whether a call should ask for stock: half of it is used, and the key had tokens to spare
-    // when last asked (under the lock).
-    bool wants_stock(time_point now) const
+    // Arms the stock's timer for the oldest tokens' expiry, if it is not armed (under the lock):
+    // tokens nobody uses go back to Redis then, not only with some later call.
+    void arm_stock(std::unique_lock<std::mutex>&)
     {
-        return stock_target_ > 0 && !closed_ && stock_count_ <= stock_target_ / 2 && now >= stock_retry_at_;
+        if (stock_armed_ || stock_.empty() || closed_) return;
+        stock_armed_ = true;
+        stock_timer_.expires_at(stock_.front().at + stock_hold_ + std::chrono::milliseconds(1));
+        stock_timer_.async_wait([weak = weak_from_this()](const error_code& ec) {
+            if (ec) return;
+            if (auto self = weak.lock()) self->on_stock_timer();
+        });
+    }
+
+    void on_stock_timer()
+    {
+        std::unique_lock lock{mutex_};
+        stock_armed_ = false;
+        if (closed_) return;
+        drop_stale(clock::now());
+        kick(lock); // gives them back; the stock is asked for again only when someone wants it
+        arm_stock(lock);
+    }
+
+    // Whether a call should ask for stock: someone looked for it since the last ask, half of
+    // it is used, and the key had tokens to spare when last asked (under the lock). With no
+    // one asking, an expired stock is only given back, not taken again.
+    bool wants_stock(time_point now)
+    {
+        if (stock_count_ > stock_target_ / 2) stock_wanted_ = false;
+        return stock_wanted_ && !closed_ && now >= stock_retry_at_;
     }
 
     // Takes `n` stocked tokens if no waiter is ahead, queued, asking or asleep until its slot
@@ -475,6 +505,7 @@ private:
     bool take_from_stock(std::size_t n, time_point now)
     {
         drop_stale(now);
+        stock_wanted_ = true; // a demand: wants_stock() decides whether it asks for more
         if (stock_count_ < n || !queue_.empty() || !slotted_.empty()) return false;
         if (std::any_of(asking_.begin(), asking_.end(), [](const waiter& w) { return static_cast<bool>(w.handler); }))
             return false;
@@ -552,6 +583,8 @@ private:
     std::list<waiter> slotted_; // granted, asleep until `ready`, earliest first
     std::list<local_waiter> local_; // waiting on the fail_local bucket
     asio::steady_timer timer_;  // for slotted_.front()
+    asio::steady_timer stock_timer_; // for the oldest stocked tokens' expiry
+    bool stock_armed_ = false;
     std::optional<time_point> armed_;
     bool in_flight_ = false;
     bool closed_ = false;
@@ -568,6 +601,7 @@ private:
     std::deque<stocked> stock_; // tokens taken for try_acquire, oldest first
     std::size_t stock_count_ = 0;
     std::size_t stock_asked_ = 0; // stock asks in the call in flight (after its waiters')
+    bool stock_wanted_ = false;   // someone looked for stock since the last ask
     time_point stock_retry_at_{}; // the key had no token to spare until then
     time_point stock_call_at_{};
 
