@@ -350,8 +350,8 @@ private:
         // Tokens for the stock, one at a time and only if Redis has them now (max_wait 0).
         stock_asked_ = 0;
         if (ask_stock) {
-            stock_wanted_ = false;
             stock_asked_ = std::min(stock_target_ - stock_count_, batch_ - asks.size());
+            if (stock_asked_ > 0) stock_wanted_ = false; // else the batch is full: asked next time
             for (std::size_t i = 0; i < stock_asked_; ++i) asks.push_back({1, 0});
             stock_call_at_ = now;
         }
@@ -505,10 +505,11 @@ private:
     bool take_from_stock(std::size_t n, time_point now)
     {
         drop_stale(now);
-        stock_wanted_ = true; // a demand: wants_stock() decides whether it asks for more
-        if (stock_count_ < n || !queue_.empty() || !slotted_.empty()) return false;
+        if (n > stock_target_ || !queue_.empty() || !slotted_.empty()) return false;
         if (std::any_of(asking_.begin(), asking_.end(), [](const waiter& w) { return static_cast<bool>(w.handler); }))
             return false;
+        stock_wanted_ = true; // a demand the stock could serve: wants_stock() decides on asking
+        if (stock_count_ < n) return false;
         for (std::size_t left = n; left > 0;) {
             auto& front = stock_.front();
             const std::size_t k = std::min(left, front.n);
