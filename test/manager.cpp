@@ -412,18 +412,20 @@ TEST(manager, dedicated_profiles_evict_by_default)
     asio::io_context ioc;
     valve::manager mgr{ioc.get_executor()};
     mgr.register_profile("default", valve::dedicated_resource(rate::per_second(10)));
-    mgr.register_profile("short", valve::dedicated_resource(rate::per_second(10)), valve::idle_timeout(5ms));
+    // Long enough that making 100 limiters never outlasts it, even under a sanitizer on a busy
+    // machine (at 5 ms, TSan in CI once evicted the first user before the hundredth was made).
+    mgr.register_profile("short", valve::dedicated_resource(rate::per_second(10)), valve::idle_timeout(300ms));
     mgr.register_profile("shared", valve::shared_resource("k", rate::per_second(10)));
     EXPECT_EQ(mgr.idle_timeout_of("default"), valve::default_idle_timeout);
     EXPECT_EQ(valve::default_idle_timeout, 60s);
-    EXPECT_EQ(mgr.idle_timeout_of("short"), 5ms);
+    EXPECT_EQ(mgr.idle_timeout_of("short"), 300ms);
     EXPECT_EQ(mgr.idle_timeout_of("shared"), std::nullopt);
     // Eviction does not wait for the io_context: get_limiter sweeps too, when a sweep is due,
     // so memory stays bounded even where no timer runs (the default's sweeps need none, so that
     // `ioc.run()` still returns when the program's work is done).
     for (int i = 0; i < 100; ++i) mgr.get_limiter("short", "user-" + std::to_string(i));
     EXPECT_EQ(mgr.limiter_count("short"), 100u);
-    std::this_thread::sleep_for(20ms); // past the idle timeout and the sweep's due time, for sure
+    std::this_thread::sleep_for(400ms); // past the idle timeout and the sweep's due time, for sure
     mgr.get_limiter("short", "newcomer");
     EXPECT_EQ(mgr.limiter_count("short"), 1u);
     // A default profile's users are not swept before their minute has passed.
