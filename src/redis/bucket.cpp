@@ -340,10 +340,11 @@ private:
             // A deadline already past still takes a slot that is now, as token_bucket grants
             // tokens it holds whatever the deadline.
             std::int64_t max_wait = gcra_no_deadline;
-            if (w.deadline != time_point::max())
-                max_wait = std::clamp<std::int64_t>(
-                    std::chrono::duration_cast<std::chrono::microseconds>(detail::saturating_sub(w.deadline.time_since_epoch(), now.time_since_epoch())).count(),
-                    0, gcra_no_deadline);
+            if (w.deadline <= now)
+                max_wait = 0;
+            else if (w.deadline != time_point::max())
+                max_wait = std::min<std::int64_t>(
+                    std::chrono::duration_cast<std::chrono::microseconds>(w.deadline - now).count(), gcra_no_deadline);
             asks.push_back({w.n, max_wait});
             asking_.splice(asking_.end(), queue_, queue_.begin());
         }
@@ -391,7 +392,8 @@ private:
                                  reply.type == redis_reply::kind::error ? reply.str : "a reply of another shape");
                 }
                 // No stock asks until a while later: a failing Redis is not asked again and again.
-                if (stock_asked_ > 0) stock_retry_at_ = now + std::max(stock_hold_, std::chrono::nanoseconds(std::chrono::milliseconds(10)));
+                if (stock_asked_ > 0)
+                    stock_retry_at_ = detail::saturating_add(now, std::max(stock_hold_, std::chrono::nanoseconds(10'000'000)));
                 // Their fate in Redis is unknown: what they may have taken stays taken.
                 for (auto& w : asking_)
                     if (w.handler) settle(lock, std::move(w), failure);
@@ -474,7 +476,8 @@ private:
     {
         if (stock_armed_ || stock_.empty() || closed_) return;
         stock_armed_ = true;
-        stock_timer_.expires_at(stock_.front().at + stock_hold_ + std::chrono::milliseconds(1));
+        const auto expiry = detail::saturating_add(stock_.front().at, stock_hold_);
+        stock_timer_.expires_at(detail::saturating_add(expiry, std::chrono::milliseconds(1)));
         stock_timer_.async_wait([weak = weak_from_this()](const error_code& ec) {
             if (ec) return;
             if (auto self = weak.lock()) self->on_stock_timer();
@@ -692,7 +695,7 @@ redis_bucket::redis_bucket(redis_connection& redis, std::string key, rate r, std
                            redis_bucket_options options)
     : impl_(detail::make_limits(redis.impl_, key, std::nullopt, {{r, burst}}, options.on_failure, options.instances,
                                 options.batch, "valve: redis_bucket(\"" + key + "\")", options.stock,
-                                std::chrono::duration_cast<std::chrono::nanoseconds>(options.stock_hold)))
+                                detail::saturating_cast<std::chrono::nanoseconds>(options.stock_hold)))
 {
 }
 
