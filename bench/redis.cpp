@@ -30,6 +30,7 @@
 #include <future>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <unistd.h>
@@ -288,24 +289,23 @@ int main()
     const std::string url = server.url();
     std::printf("# redis-server %s on 127.0.0.1:%u; every figure below is from this run\n", "7", server.port());
 
-    double cpu0 = cpu_seconds(server.pid());
-    auto t0 = clk::now();
-    const double ours = script_calls_per_second(url, 64, 2000ms); // (loads the script)
-    const double ours_busy = (cpu_seconds(server.pid()) - cpu0) / std::chrono::duration<double>(clk::now() - t0).count();
-    cpu0 = cpu_seconds(server.pid());
-    t0 = clk::now();
-    const double bench_rps = redis_benchmark_evalsha(server, 64, 200000);
-    const double bench_busy = (cpu_seconds(server.pid()) - cpu0) / std::chrono::duration<double>(clk::now() - t0).count();
+    // Runs `measure` and returns its figure with the share of that time redis-server was on a
+    // CPU (below 1, it waited for commands).
+    auto with_busy_share = [&](auto measure) {
+        const double cpu0 = cpu_seconds(server.pid());
+        const auto t0 = clk::now();
+        const double value = measure();
+        const double secs = std::chrono::duration<double>(clk::now() - t0).count();
+        return std::pair{value, (cpu_seconds(server.pid()) - cpu0) / secs};
+    };
+    const auto [ours, ours_busy] = with_busy_share([&] { return script_calls_per_second(url, 64, 2000ms); });
+    const auto [bench_rps, bench_busy] = with_busy_share([&] { return redis_benchmark_evalsha(server, 64, 200000); });
     figure("redis_benchmark_evalsha_p64_per_s", bench_rps);
     figure("redis_script_calls_per_s_64_in_flight", ours);
     figure("redis_script_calls_ratio", bench_rps > 0 ? ours / bench_rps : 0);
-    // Why: the share of the time redis-server was on a CPU. Below 1, it waited for commands.
     figure("redis_server_busy_share_redis_benchmark", bench_busy);
     figure("redis_server_busy_share_64_in_flight", ours_busy);
-    cpu0 = cpu_seconds(server.pid());
-    t0 = clk::now();
-    const double ours256 = script_calls_per_second(url, 256, 2000ms);
-    const double busy256 = (cpu_seconds(server.pid()) - cpu0) / std::chrono::duration<double>(clk::now() - t0).count();
+    const auto [ours256, busy256] = with_busy_share([&] { return script_calls_per_second(url, 256, 2000ms); });
     figure("redis_script_calls_per_s_256_in_flight", ours256);
     figure("redis_server_busy_share_256_in_flight", busy256);
 
