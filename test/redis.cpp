@@ -240,6 +240,91 @@ TEST(redis_script, reservations_queue_into_the_future_and_give_backs_move_time_b
     EXPECT_EQ(got.free_us, 2000);
 }
 
+// The script runs one limit on a path of its own and several on another. With a second limit
+// that never binds, the two must answer alike, through rate changes and give-backs.
+TEST(redis_script, one_limit_alone_and_beside_a_limit_that_never_binds_decide_alike)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    ASSERT_FALSE(connect(redis)) << redis.last_error();
+    using valve::rate;
+    using valve::detail::gcra_interval_of;
+    using valve::detail::gcra_limit;
+    const std::uint64_t seed = model_seed();
+    SCOPED_TRACE("VALVE_MODEL_SEED=" + std::to_string(seed));
+    std::mt19937_64 rng(seed);
+    // Intervals with fractions of different denominators (1/3, 1/7 us, ...) and whole ones.
+    const rate rates[] = {rate::per_second(3), rate::per_second(7), rate::per_second(2000), rate::per(7, 10ms),
+                          rate::per_second(3'000'000)};
+    const auto wide = gcra_interval_of(rate::per_second(1e9), std::size_t{1} << 30, "test");
+    const std::int64_t t0 = 1'700'000'000'000'000;
+    std::int64_t at = 0;
+    for (int step = 0; step < 400; ++step) {
+        const rate& r = rates[(step / 40) % std::size(rates)]; // a rate change every 40 steps
+        const std::size_t burst = (step / 40) % 2 == 0 ? 5 : 2;
+        const auto interval = gcra_interval_of(r, burst, "test");
+        const double interval_us = 1e6 / r.tokens_per_second();
+        at += static_cast<std::int64_t>(std::uniform_real_distribution<double>(0, 2 * interval_us)(rng));
+        const std::uint64_t give = rng() % 5 == 0 ? rng() % 3 : 0;
+        std::vector<valve::detail::gcra_ask> asks;
+        for (auto k = rng() % 4; k > 0; --k) {
+            const std::size_t n = std::uniform_int_distribution<std::size_t>(1, burst)(rng);
+            const auto max_wait = rng() % 3 == 0 ? valve::detail::gcra_no_deadline
+                                                 : static_cast<std::int64_t>(std::uniform_real_distribution<double>(
+                                                       0, 3 * interval_us)(rng));
+            asks.push_back({n, max_wait});
+        }
+        SCOPED_TRACE("step " + std::to_string(step) + " rate " + valve::to_string(r));
+        const auto alone = run_script(redis, {gcra_limit{"valve:{a}:0", interval, burst}}, give, asks, t0 + at);
+        const auto beside = run_script(
+            redis, {gcra_limit{"valve:{b}:0", interval, burst}, gcra_limit{"valve:{b}:1", wide, std::size_t{1} << 30}},
+            give, asks, t0 + at);
+        ASSERT_EQ(alone.waits, beside.waits);
+        ASSERT_EQ(alone.free_us, beside.free_us);
+        ASSERT_EQ(exec(redis, {"GET", "valve:{a}:0"}).str, exec(redis, {"GET", "valve:{b}:0"}).str);
+    }
+}
+
+TEST(redis_script, a_rate_change_reads_the_old_fraction_rounded_up_in_the_new_one)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    ASSERT_FALSE(connect(redis)) << redis.last_error();
+    using valve::rate;
+    using valve::detail::gcra_interval_of;
+    using valve::detail::gcra_limit;
+    const std::int64_t now = 1'700'000'000'000'000;
+    const auto thirds = gcra_interval_of(rate::per_second(3), 1, "t");  // 333333 + 1/3 us
+    const auto sevenths = gcra_interval_of(rate::per_second(7), 1, "t"); // 142857 + 1/7 us
+    ASSERT_EQ(thirds.d, 3);
+    ASSERT_EQ(sevenths.d, 7);
+    for (const bool beside : {false, true}) {
+        SCOPED_TRACE(beside ? "beside a second limit" : "alone");
+        const std::string key = beside ? "valve:{rc2}:0" : "valve:{rc1}:0";
+        auto limits = [&](valve::detail::gcra_interval i) {
+            std::vector<gcra_limit> l{{key, i, 1}};
+            if (beside) l.push_back({"valve:{rc2}:1", gcra_interval_of(rate::per_second(1e9), 1000, "t"), 1000});
+            return l;
+        };
+        EXPECT_EQ(run_script(redis, limits(thirds), 0, {{1, 0}}, now).waits, (std::vector<std::int64_t>{0}));
+        EXPECT_EQ(exec(redis, {"GET", key}).str, std::to_string(now + 333'333) + ":1:3");
+        // Read in sevenths, 1/3 us becomes 3/7 (rounded up): the slot is 333333 + 3/7 us away.
+        auto got = run_script(redis, limits(sevenths), 0, {{1, 0}}, now);
+        EXPECT_EQ(got.waits, (std::vector<std::int64_t>{-1 - 333'334}));
+        EXPECT_EQ(got.free_us, -190'477); // in debt by 333333 + 3/7 - (142857 + 1/7) us, rounded down
+        got = run_script(redis, limits(sevenths), 0, {{1, valve::detail::gcra_no_deadline}}, now);
+        EXPECT_EQ(got.waits, (std::vector<std::int64_t>{333'334}));
+        EXPECT_EQ(exec(redis, {"GET", key}).str, std::to_string(now + 333'333 + 142'857) + ":4:7");
+        // A whole number of microseconds is kept as a plain number.
+        const auto whole = gcra_interval_of(rate::per_second(2000), 1, "t");
+        got = run_script(redis, limits(whole), 1000, {{1, 0}}, now); // all given back first
+        EXPECT_EQ(got.waits, (std::vector<std::int64_t>{0}));
+        EXPECT_EQ(exec(redis, {"GET", key}).str, std::to_string(now + 500));
+    }
+}
+
 TEST(redis_script, a_key_expires_once_its_bucket_is_full_again)
 {
     redis_server server;
