@@ -43,6 +43,10 @@ store_request store_request_of(const rate& r, std::size_t burst, const profile_c
 {
     store_request req{name, std::move(user), {{r, burst}}, c.on_failure.value_or(store_failure::fail_closed),
                       c.instances.value_or(1)};
+    if (c.stock) {
+        req.stock = c.stock->tokens;
+        req.stock_hold = c.stock->hold;
+    }
     for (const auto& a : c.also) req.limits.push_back({a.limit, a.burst});
     return req;
 }
@@ -86,6 +90,7 @@ void apply(profile_config& c, stored_in_option o)
 }
 void apply(profile_config& c, on_store_failure_option o) { set_once(c.on_failure, o.policy, c, "on_store_failure"); }
 void apply(profile_config& c, instances_option o) { set_once(c.instances, o.count, c, "instances"); }
+void apply(profile_config& c, store_stock_option o) { set_once(c.stock, o, c, "store_stock"); }
 
 // The thread of a `manager{}`: an io_context that one thread of its own runs while it is
 // kept. `drain` runs what is left there to the end (the manager's destructor waits so for the
@@ -448,9 +453,9 @@ void manager::register_profile(std::string name, detail::profile_config config)
     if (config.dedicated)
         detail::check_limit(config.dedicated->limit, config.dedicated->burst, where + ": dedicated_resource");
     for (const auto& a : config.also) detail::check_limit(a.limit, a.burst, where + ": also_limit");
-    if (!config.stored_in && (config.on_failure || config.instances))
-        throw_error(errc::invalid_argument, where + ": on_store_failure and instances apply to limits kept in a "
-                                                    "store; add stored_in(...) or remove them");
+    if (!config.stored_in && (config.on_failure || config.instances || config.stock))
+        throw_error(errc::invalid_argument, where + ": on_store_failure, instances and store_stock apply to limits "
+                                                    "kept in a store; add stored_in(...) or remove them");
     if (config.instances && *config.instances == 0)
         throw_error(errc::invalid_argument, where + ": instances(0); give the number of processes sharing the "
                                                     "limit, at least 1");

@@ -1233,6 +1233,71 @@ TEST(redis_profile, store_options_without_a_store_are_an_error)
     }
 }
 
+// Without a stock, a limit held in Redis grants a token only by a round trip: a limiter's
+// queued tasks start one call apart and try_enter says no. With one, they take from it.
+TEST(redis_profile, a_stock_starts_queued_tasks_and_answers_try_enter_without_a_call_each)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    valve::redis_connection other{ctx.ioc.get_executor(), server.url()};
+    ASSERT_FALSE(connect(redis)) << redis.last_error();
+    valve::manager m{ctx.ioc.get_executor()};
+    const auto slow = valve::rate::per(1000, 24h); // no token comes back during the test
+    m.register_profile("plain", valve::shared_resource("plain-key", slow, 1000), valve::worker_pool(2, 1000),
+                       valve::stored_in(redis));
+    m.register_profile("stocked", valve::shared_resource("stocked-key", slow, 1000), valve::worker_pool(2, 1000),
+                       valve::stored_in(redis), valve::store_stock(16, 1h));
+    constexpr int tasks = 64;
+    auto calls_for = [&](const std::string& profile) {
+        auto lim = m.get_limiter(profile, "u");
+        const auto before = redis.stats().commands;
+        std::vector<std::future<int>> results;
+        for (int i = 0; i < tasks; ++i) results.push_back(lim->async_submit([] { return 1; }, asio::use_future));
+        for (auto& f : results) EXPECT_EQ(f.wait_for(10s), std::future_status::ready);
+        return redis.stats().commands - before;
+    };
+    EXPECT_GE(calls_for("plain"), static_cast<std::uint64_t>(tasks)); // one per task
+    const auto stocked_calls = calls_for("stocked");
+    // A call takes a token for the waiting task and up to 16 for the stock: 4 or more tokens a
+    // call on average, where a round trip apiece would be 1 (9 calls were seen for 64 tasks).
+    EXPECT_LE(stocked_calls, static_cast<std::uint64_t>(tasks / 4));
+
+    // try_enter: never from a plain stored profile; from a stocked one once the stock is in.
+    EXPECT_FALSE(m.get_limiter("plain", "u")->try_enter());
+    auto stocked = m.get_limiter("stocked", "u");
+    EXPECT_TRUE(eventually([&] { return static_cast<bool>(stocked->try_enter()); }));
+    // What the stock holds is gone from Redis: the key keeps 1000 - 64 - 1 - what is still stocked.
+    valve::redis_bucket same_key{other, "stocked-key", slow, 1000};
+    const int left = take_all_now(same_key);
+    EXPECT_LE(left, 1000 - tasks - 1);
+    EXPECT_GE(left, 1000 - tasks - 1 - 16);
+}
+
+TEST(redis_profile, a_stock_redis_cannot_keep_is_refused_at_registration)
+{
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), "redis://127.0.0.1:1"};
+    valve::manager m{ctx.ioc.get_executor()};
+    auto message_of = [&](auto... options) -> std::string {
+        try {
+            m.register_profile("p", valve::shared_resource("k", valve::rate::per_second(1)), options...);
+        } catch (const valve::error& e) {
+            EXPECT_EQ(e.code(), valve::errc::invalid_argument);
+            return e.what();
+        }
+        return "no error";
+    };
+    EXPECT_NE(message_of(valve::stored_in(redis), valve::store_stock(65)).find("65"), std::string::npos);
+    EXPECT_NE(message_of(valve::stored_in(redis), valve::store_stock(8, 0ms)).find("hold"), std::string::npos);
+    EXPECT_NE(message_of(valve::store_stock(8)).find("stored_in"), std::string::npos);
+    EXPECT_NE(message_of(valve::stored_in(redis), valve::store_stock(8), valve::store_stock(8)).find("twice"),
+              std::string::npos);
+    // A hold as long as the clock allows is a hold that never ends, not an overflow.
+    EXPECT_NO_THROW(m.register_profile("long", valve::shared_resource("k", valve::rate::per_second(1)),
+                                       valve::stored_in(redis), valve::store_stock(8, std::chrono::hours::max())));
+}
+
 // ---- a fleet of OS processes -----------------------------------------------------------------
 
 namespace {

@@ -105,6 +105,7 @@ struct profile_config {
     std::shared_ptr<store> stored_in;
     std::optional<store_failure> on_failure;
     std::optional<std::size_t> instances;
+    std::optional<store_stock_option> stock;
     std::vector<std::string> errors; // options given twice, in words
 };
 
@@ -118,6 +119,7 @@ void apply(profile_config& c, run_on_option o);
 void apply(profile_config& c, stored_in_option o);
 void apply(profile_config& c, on_store_failure_option o);
 void apply(profile_config& c, instances_option o);
+void apply(profile_config& c, store_stock_option o);
 
 class manager_state;
 

@@ -1,8 +1,10 @@
 #ifndef VALVE_STORE_HPP
 #define VALVE_STORE_HPP
 
+#include <valve/detail/saturate.hpp>
 #include <valve/rate.hpp>
 
+#include <chrono>
 #include <cstddef>
 #include <memory>
 #include <optional>
@@ -44,6 +46,11 @@ struct store_request {
     store_failure on_failure = store_failure::fail_closed;
     /// Processes expected to share the limits: `fail_local` limits each to `rate / instances`.
     std::size_t instances = 1;
+    /// Single tokens taken ahead, at most this many, for `resource::try_acquire` to hand out
+    /// with no round trip (see `store_stock`); 0: none, and `try_acquire` says no.
+    std::size_t stock = 0;
+    /// How long a token taken ahead may wait to be used before it is given back unused.
+    std::chrono::nanoseconds stock_hold = std::chrono::milliseconds(100);
 };
 
 /// Where limits shared by many processes are kept: a seam between valve's core and a store
@@ -84,6 +91,27 @@ struct instances_option {
     std::size_t count;
 };
 inline instances_option instances(std::size_t count) { return {count}; }
+
+/// Profile option: keep up to `tokens` single tokens taken ahead from the store, each used
+/// within `hold` or given back (see `redis_bucket_options::stock`).
+///
+/// Without it, a limit held in a store grants a token only by a round trip: a limiter's
+/// `try_enter` always says no, and its queued tasks start one round trip apart. With it,
+/// `try_enter` and the start of queued tasks take from the stock, and the call that reserves
+/// for waiters refills it. The price is said in the stock's own terms: every token used was
+/// taken at most `hold` earlier, so the fleet may get up to rate x hold more tokens in a window
+/// than the limit allows (and no more than the stocks hold). `tokens` above what one call
+/// takes (64 for Redis) or a `hold` that is not positive is refused at `register_profile`.
+struct store_stock_option {
+    std::size_t tokens;
+    std::chrono::nanoseconds hold;
+};
+template <class Rep = long, class Period = std::milli>
+store_stock_option store_stock(std::size_t tokens,
+                               std::chrono::duration<Rep, Period> hold = std::chrono::milliseconds(100))
+{
+    return {tokens, detail::saturating_cast<std::chrono::nanoseconds>(hold)};
+}
 
 } // namespace valve
 

@@ -654,11 +654,8 @@ std::vector<gcra_limit> keyed_limits(const std::string& name, const std::optiona
     return keyed;
 }
 
-std::shared_ptr<redis_limits> make_limits(const std::shared_ptr<redis_connection_impl>& conn, const std::string& name,
-                                          const std::optional<std::string>& user, const std::vector<store_limit>& limits,
-                                          store_failure policy, std::size_t instances, std::size_t batch,
-                                          const std::string& where, std::size_t stock = 0,
-                                          std::chrono::nanoseconds stock_hold = {})
+// Refuses a stock the limits cannot keep, naming `where`.
+void check_stock(std::size_t stock, std::chrono::nanoseconds stock_hold, std::size_t batch, const std::string& where)
 {
     if (stock > 0 && stock_hold <= std::chrono::nanoseconds::zero())
         throw_error(errc::invalid_argument, where + ": stock_hold is " + std::to_string(stock_hold.count()) +
@@ -667,9 +664,21 @@ std::shared_ptr<redis_limits> make_limits(const std::shared_ptr<redis_connection
     if (stock > batch)
         throw_error(errc::invalid_argument, where + ": stock is " + std::to_string(stock) + ", more than batch (" +
                                                 std::to_string(batch) + "), the most one call takes; lower it");
+}
+
+std::shared_ptr<redis_limits> make_limits(const std::shared_ptr<redis_connection_impl>& conn, const std::string& name,
+                                          const std::optional<std::string>& user, const std::vector<store_limit>& limits,
+                                          store_failure policy, std::size_t instances, std::size_t batch,
+                                          const std::string& where, std::size_t stock,
+                                          std::chrono::nanoseconds stock_hold)
+{
+    check_stock(stock, stock_hold, batch, where);
     return std::make_shared<redis_limits>(conn, keyed_limits(name, user, limits, instances, batch, where), limits,
                                           policy, instances, batch, stock, stock_hold);
 }
+
+// Waiters one call reserves for, for profiles stored in Redis.
+constexpr std::size_t stored_batch = 64;
 
 std::string stored_where(const std::string& shown, const store_request& request)
 {
@@ -681,12 +690,15 @@ std::string stored_where(const std::string& shown, const store_request& request)
 std::shared_ptr<resource> redis_connection_impl::make_resource(const store_request& request)
 {
     return make_limits(shared_from_this(), request.name, request.user, request.limits, request.on_failure,
-                       request.instances, 64, stored_where(url_.shown, request));
+                       request.instances, stored_batch, stored_where(url_.shown, request), request.stock,
+                       request.stock_hold);
 }
 
 void redis_connection_impl::check(const store_request& request) const
 {
-    keyed_limits(request.name, request.user, request.limits, request.instances, 64, stored_where(url_.shown, request));
+    const auto where = stored_where(url_.shown, request);
+    keyed_limits(request.name, request.user, request.limits, request.instances, stored_batch, where);
+    check_stock(request.stock, request.stock_hold, stored_batch, where + ": store_stock");
 }
 
 } // namespace detail
