@@ -1,7 +1,7 @@
 #ifndef VALVE_METRICS_HPP
 #define VALVE_METRICS_HPP
 
-#include <valve/limiter.hpp>
+#include <valve/limiter_stats.hpp>
 
 #include <map>
 #include <string>
