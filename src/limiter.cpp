@@ -925,12 +925,12 @@ permit limiter::try_enter()
     return try_enter(ec);
 }
 
-permit::permit(std::shared_ptr<detail::limiter_core> core, std::uint64_t id) noexcept
-    : core_(std::move(core)), id_(id)
+permit::permit(std::shared_ptr<detail::limiter_core> core, std::uint64_t id, bool queued) noexcept
+    : core_(std::move(core)), id_(id), queued_(queued)
 {
 }
 
-permit::permit(permit&& other) noexcept : core_(std::move(other.core_)), id_(other.id_) {}
+permit::permit(permit&& other) noexcept : core_(std::move(other.core_)), id_(other.id_), queued_(other.queued_) {}
 
 permit& permit::operator=(permit&& other) noexcept
 {
@@ -938,6 +938,7 @@ permit& permit::operator=(permit&& other) noexcept
         release();
         core_ = std::move(other.core_);
         id_ = other.id_;
+        queued_ = other.queued_;
     }
     return *this;
 }
@@ -946,9 +947,17 @@ permit::~permit() { release(); }
 
 void permit::release(bool failed) noexcept
 {
-    if (auto core = std::move(core_))
+    if (auto core = std::move(core_)) {
+        if (queued_) core->async_finished();
         core->finished(id_, failed ? detail::task_outcome::threw : detail::task_outcome::ran);
+    }
 }
+
+namespace detail {
+
+permit limiter_permit(limiter_core& core, std::uint64_t id) { return permit{core.shared_from_this(), id, true}; }
+
+} // namespace detail
 
 bool limiter::shared() const noexcept { return core_.use_count() > 1; }
 

@@ -1,7 +1,8 @@
-// Chaos: many threads, a manager's limiters of every kind, tasks of every kind, cancellation
-// from every side, eviction, a shutdown and the manager's destruction midway. Each submitted
-// task must run exactly once or its submitter hear why, each completion fire exactly once, and
-// no completion bound to the manager's thread fire after the manager's destructor returned.
+// Chaos: many threads, a manager's limiters of every kind, tasks of every kind and entries by
+// async_enter, cancellation from every side, eviction, a shutdown and the manager's destruction
+// midway. Each submitted task (or entry) must run exactly once or its submitter hear why, each
+// completion fire exactly once, and no completion bound to the manager's thread fire after the
+// manager's destructor returned.
 //
 // A failing round prints its seed; `VALVE_CHAOS_SEED=<seed>` replays it (threads still
 // interleave as they will, but every choice the test makes is the seed's).
@@ -35,6 +36,7 @@
 #include <mutex>
 #include <random>
 #include <shared_mutex>
+#include <stdexcept>
 #include <stop_token>
 #include <string>
 #include <thread>
@@ -240,6 +242,14 @@ private:
                     co_await (observe(l, *id, stoppable) || pause(race));
                 else
                     co_await observe(l, *id, stoppable);
+            } else if (kind == 9) {
+                // Admission for work done in the coroutine itself (async_enter), raced by a timer
+                // from a cancellable coroutine.
+                const auto race = std::chrono::microseconds(rng() % 800);
+                if (cancellable)
+                    co_await (enter(l, *id) || pause(race));
+                else
+                    co_await enter(l, *id);
             } else {
                 // A blocking task, awaited. (The tasks are named, not temporaries in the co_await
                 // expression: GCC 12 destroys such a temporary lambda twice.)
@@ -336,6 +346,22 @@ private:
                 co_await l->submit(std::move(stopping));
             else
                 co_await l->submit(std::move(plain));
+            book->record(id, nullptr);
+        } catch (...) {
+            book->record(id, std::current_exception());
+        }
+    }
+
+    // Enters the limiter (a permit), does its work here holding it, and records what it heard.
+    asio::awaitable<void> enter(const std::shared_ptr<valve::limiter>& l, std::size_t id)
+    {
+        auto book = book_;
+        try {
+            valve::permit p = co_await l->async_enter(asio::use_awaitable);
+            if (!p) throw std::logic_error("async_enter completed without an error and without a permit");
+            book->ran[id].fetch_add(1);
+            co_await pause(50us);
+            p.release();
             book->record(id, nullptr);
         } catch (...) {
             book->record(id, std::current_exception());

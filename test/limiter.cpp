@@ -2,6 +2,7 @@
 
 #include <valve/error.hpp>
 
+#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/cancellation_signal.hpp>
@@ -1070,6 +1071,138 @@ TEST(limiter, try_enter_does_not_jump_the_queue_and_a_shutdown_waits_for_permits
     held.release();
     ioc.run();
     EXPECT_TRUE(shut);
+    pool.join();
+}
+
+// What one async_enter completed with.
+struct entered {
+    bool done = false;
+    error_code ec;
+    valve::permit p;
+    auto handler()
+    {
+        return [this](error_code e, valve::permit got) {
+            done = true;
+            ec = e;
+            p = std::move(got);
+        };
+    }
+};
+
+TEST(limiter, async_enter_waits_its_turn_and_completes_with_a_permit_that_holds_the_slot)
+{
+    asio::io_context ioc;
+    auto work = asio::make_work_guard(ioc); // polled in steps: it must not run out of work
+    asio::thread_pool pool{1};
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc), limiter_options{.concurrency = 1},
+                                         pool.get_executor());
+    entered first, second;
+    lim->async_enter(first.handler());
+    EXPECT_FALSE(first.done) << "completed inside the initiating call";
+    ioc.poll();
+    ASSERT_TRUE(first.done);
+    EXPECT_FALSE(first.ec);
+    ASSERT_TRUE(first.p);
+    EXPECT_EQ(lim->running(), 1u);
+    // The only slot is first's: second queues, behind it, and try_enter may not jump it.
+    lim->async_enter(second.handler());
+    ioc.poll();
+    EXPECT_FALSE(second.done);
+    EXPECT_EQ(lim->queued(), 1u);
+    error_code ec;
+    EXPECT_FALSE(lim->try_enter(ec));
+    EXPECT_EQ(ec, valve::errc::queue_full);
+    first.p.release();
+    ioc.poll();
+    ASSERT_TRUE(second.done);
+    EXPECT_FALSE(second.ec);
+    EXPECT_TRUE(second.p);
+    EXPECT_EQ(lim->running(), 1u);
+    second.p.release(true); // the work under it failed
+    EXPECT_EQ(lim->running(), 0u);
+    const auto st = lim->stats();
+    EXPECT_EQ(st.submitted, 3u);
+    EXPECT_EQ(st.completed, 1u);
+    EXPECT_EQ(st.failed, 1u);
+    EXPECT_EQ(st.rejected, 1u);
+    pool.join();
+}
+
+TEST(limiter, async_enter_is_refused_when_the_queue_is_full_cancelled_per_operation_and_aborted_by_shutdown)
+{
+    asio::io_context ioc;
+    auto work = asio::make_work_guard(ioc); // polled in steps: it must not run out of work
+    asio::thread_pool pool{1};
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), unlimited(ioc),
+                                         limiter_options{.concurrency = 1, .queue_capacity = 1}, pool.get_executor());
+    valve::permit held = lim->try_enter();
+    ASSERT_TRUE(held);
+    entered cancelled, refused, aborted, late;
+    asio::cancellation_signal signal;
+    lim->async_enter(asio::bind_cancellation_slot(signal.slot(), cancelled.handler()));
+    lim->async_enter(refused.handler());
+    ioc.poll();
+    EXPECT_FALSE(cancelled.done);
+    ASSERT_TRUE(refused.done);
+    EXPECT_EQ(refused.ec, valve::errc::queue_full);
+    EXPECT_FALSE(refused.p);
+
+    // Cancelled while queued ("total": nothing happened yet): removed, its place freed.
+    signal.emit(asio::cancellation_type::total);
+    ioc.poll();
+    ASSERT_TRUE(cancelled.done);
+    EXPECT_EQ(cancelled.ec, asio::error::operation_aborted);
+    EXPECT_FALSE(cancelled.p);
+    EXPECT_EQ(lim->queued(), 0u);
+
+    // A shutdown aborts what is queued at the end of its grace, refuses what comes after, and
+    // completes once the permit held is released.
+    lim->async_enter(aborted.handler());
+    ioc.poll();
+    EXPECT_FALSE(aborted.done);
+    bool shut = false;
+    lim->async_shutdown(0ms, [&](error_code) { shut = true; });
+    lim->async_enter(late.handler());
+    ioc.poll();
+    ASSERT_TRUE(aborted.done);
+    EXPECT_EQ(aborted.ec, asio::error::operation_aborted);
+    ASSERT_TRUE(late.done);
+    EXPECT_EQ(late.ec, valve::errc::shutting_down);
+    EXPECT_FALSE(shut);
+    held.release();
+    work.reset();
+    ioc.run();
+    EXPECT_TRUE(shut);
+    pool.join();
+}
+
+TEST(limiter, async_enter_takes_any_completion_token_and_waits_for_a_token_of_the_resource)
+{
+    asio::io_context ioc;
+    asio::thread_pool pool{1};
+    // Burst 1 and a rate too slow to refill during the test: the second entry waits for a token.
+    auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::per(1, 1h), 1);
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), limits, limiter_options{.concurrency = 4},
+                                         pool.get_executor());
+    std::optional<error_code> second_ec;
+    asio::co_spawn(
+        ioc,
+        [&]() -> asio::awaitable<void> {
+            valve::permit p = co_await lim->async_enter(asio::use_awaitable);
+            EXPECT_TRUE(p);
+            p.release();
+            // No token left: this waits, until the timer below cancels it.
+            auto [ec, none] = co_await lim->async_enter(asio::as_tuple(asio::use_awaitable));
+            second_ec = ec;
+            EXPECT_FALSE(none);
+        },
+        asio::detached);
+    asio::steady_timer stop{ioc, 50ms};
+    stop.async_wait([&](error_code) { lim->cancel(); });
+    ioc.run();
+    ASSERT_TRUE(second_ec.has_value());
+    EXPECT_EQ(*second_ec, asio::error::operation_aborted);
+    EXPECT_EQ(lim->stats().completed, 1u);
     pool.join();
 }
 

@@ -42,6 +42,41 @@
 namespace valve {
 
 class limiter;
+class permit;
+
+namespace detail {
+class limiter_core;
+/// The permit of an `async_enter` the limiter let start.
+permit limiter_permit(limiter_core& core, std::uint64_t id);
+} // namespace detail
+
+/// A place in a limiter, for work its holder does itself (`limiter::try_enter`,
+/// `limiter::async_enter`): one of its concurrency slots, held until the permit is released or
+/// destroyed, and the one token it took. An empty permit holds nothing. Move-only; not
+/// thread-safe itself (one owner at a time).
+class permit {
+public:
+    permit() noexcept = default;
+    permit(permit&& other) noexcept;
+    permit& operator=(permit&& other) noexcept;
+    ~permit();
+
+    /// Whether it holds a slot.
+    explicit operator bool() const noexcept { return core_ != nullptr; }
+
+    /// Frees the slot now (the limiter may start its next task); `failed` counts the work done
+    /// under it as failed in the statistics. Does nothing on an empty permit.
+    void release(bool failed = false) noexcept;
+
+private:
+    friend class limiter;
+    friend permit detail::limiter_permit(detail::limiter_core& core, std::uint64_t id);
+    permit(std::shared_ptr<detail::limiter_core> core, std::uint64_t id, bool queued = false) noexcept;
+
+    std::shared_ptr<detail::limiter_core> core_;
+    std::uint64_t id_ = 0;
+    bool queued_ = false; // from async_enter: counted as an async task until released
+};
 
 namespace detail {
 
@@ -556,6 +591,28 @@ private:
     [[no_unique_address]] std::conditional_t<Stoppable, std::stop_source, std::monostate> stop_;
 };
 
+/// A place in the queue for `limiter::async_enter`: started, it completes its caller with a
+/// permit, which holds the slot (and counts as an async task) until it is released.
+template <class Handler>
+class entry_ticket final : public job_for<Handler> {
+    using base = job_for<Handler>;
+
+public:
+    using base::base;
+
+    void run(std::unique_ptr<job_base> self, limiter_core& core) override
+    {
+        std::unique_ptr<entry_ticket> owned{static_cast<entry_ticket*>(self.release())};
+        // Posted, never inline: this may be the call that initiated the wait.
+        this->deliver(boost::system::error_code{}, limiter_permit(core, this->id));
+    }
+
+    bool execute() override { return false; } // never called: the caller does the work
+    bool blocking() const noexcept override { return false; }
+
+    void abort(boost::system::error_code ec) override { this->deliver(ec, permit{}); }
+};
+
 /// Async tasks (and tasks run by their submitting coroutines) of `l`'s queue running now.
 std::size_t async_tasks_running(const limiter& l) noexcept;
 /// The manager's: `l` is handed to one user, whose `cancel()` then aborts that user's tasks
@@ -566,30 +623,6 @@ void close_limiter(limiter& l);
 
 } // namespace detail
 
-/// A place in a limiter taken without waiting (`limiter::try_enter`): one of its concurrency
-/// slots, held until the permit is released or destroyed, and the one token it took. An empty
-/// permit holds nothing. Move-only; not thread-safe itself (one owner at a time).
-class permit {
-public:
-    permit() noexcept = default;
-    permit(permit&& other) noexcept;
-    permit& operator=(permit&& other) noexcept;
-    ~permit();
-
-    /// Whether it holds a slot.
-    explicit operator bool() const noexcept { return core_ != nullptr; }
-
-    /// Frees the slot now (the limiter may start its next task); `failed` counts the work done
-    /// under it as failed in the statistics. Does nothing on an empty permit.
-    void release(bool failed = false) noexcept;
-
-private:
-    friend class limiter;
-    permit(std::shared_ptr<detail::limiter_core> core, std::uint64_t id) noexcept;
-
-    std::shared_ptr<detail::limiter_core> core_;
-    std::uint64_t id_ = 0;
-};
 
 /// Runs tasks under a resource's limits, at most `concurrency` at once, with a bounded queue.
 ///
@@ -734,6 +767,24 @@ public:
     /// queued tasks only.
     std::shared_ptr<limiter> for_user(std::uint64_t user) const;
 
+    /// Admission as a wait, for work the caller does itself: queued as a task would be (its
+    /// user's turn, FIFO within the user, the queue's bound and `queue_full_policy`), it
+    /// completes with a permit once a slot and a token are the caller's. The caller does the
+    /// work while it holds the permit, and releases it (or lets it go) when done.
+    ///
+    /// Errors (with an empty permit): `errc::queue_full` at once when the queue is full and its
+    /// policy is `reject`; `errc::shutting_down` when the limiter is shutting down;
+    /// `operation_aborted` when the wait is cancelled (per-operation cancellation, any type) or
+    /// aborted by `cancel()` or a shutdown. Completes through the handler's associated executor
+    /// (the limiter's executor for a handler with none), never inside this call.
+    /// Completion signature: `void(boost::system::error_code, valve::permit)`.
+    template <class CompletionToken>
+    auto async_enter(CompletionToken&& token)
+    {
+        return boost::asio::async_initiate<CompletionToken, void(boost::system::error_code, permit)>(
+            enter_initiation{}, token, core_, user_);
+    }
+
     /// Admission without waiting and without a task: a permit if a slot and a token are free
     /// now and nothing is queued ahead (the work is then done by the caller, on its own
     /// thread, while it holds the permit); otherwise an empty permit, with `ec` set to
@@ -784,6 +835,16 @@ private:
         void operator()(Handler&& handler, const std::shared_ptr<detail::limiter_core>& core, std::uint64_t user) const
         {
             using ticket_t = detail::ticket<std::decay_t<Handler>, Stoppable>;
+            detail::limiter_submit(
+                core, user, std::make_unique<ticket_t>(std::forward<Handler>(handler), detail::limiter_executor(*core)));
+        }
+    };
+
+    struct enter_initiation {
+        template <class Handler>
+        void operator()(Handler&& handler, const std::shared_ptr<detail::limiter_core>& core, std::uint64_t user) const
+        {
+            using ticket_t = detail::entry_ticket<std::decay_t<Handler>>;
             detail::limiter_submit(
                 core, user, std::make_unique<ticket_t>(std::forward<Handler>(handler), detail::limiter_executor(*core)));
         }
