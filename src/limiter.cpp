@@ -810,11 +810,11 @@ void limiter_finished_before_handover(limiter_core& core, std::uint64_t id, task
     core.finished(id, outcome);
 }
 
-std::size_t async_tasks_running(const limiter& l) noexcept { return l.core_->async_running(); }
+std::size_t limiter_access::async_tasks_running(const limiter& l) noexcept { return l.core_->async_running(); }
 
-void hand_to_user(limiter& l) noexcept { l.owner_ = false; }
+void limiter_access::hand_to_user(limiter& l) noexcept { l.owner_ = false; }
 
-void close_limiter(limiter& l) { l.core_->close(); }
+void limiter_access::close(limiter& l) { l.core_->close(); }
 
 void limiter_handed_over(limiter_core& core) { core.handed_over(); }
 
@@ -955,7 +955,10 @@ void permit::release(bool failed) noexcept
 
 namespace detail {
 
-permit limiter_permit(limiter_core& core, std::uint64_t id) { return permit{core.shared_from_this(), id, true}; }
+permit limiter_access::make_permit(limiter_core& core, std::uint64_t id)
+{
+    return permit{core.shared_from_this(), id, true};
+}
 
 } // namespace detail
 
@@ -983,9 +986,8 @@ resource& limiter::limits() const noexcept { return core_->limits(); }
 
 std::chrono::steady_clock::time_point limiter::next_available() const { return detail::limiter_next_available(*core_); }
 
-void limiter::shutdown_initiation::operator()(detail::acquire_handler handler,
-                                              const std::shared_ptr<detail::limiter_core>& core,
-                                              std::chrono::nanoseconds grace) const
+void detail::shutdown_initiation::operator()(acquire_handler handler, const std::shared_ptr<limiter_core>& core,
+                                             std::chrono::nanoseconds grace) const
 {
     core->shutdown(std::move(handler), grace);
 }

@@ -352,7 +352,7 @@ public:
             limiters = all_limiters();
         }
         return std::any_of(limiters.begin(), limiters.end(),
-                           [](const auto& l) { return async_tasks_running(*l) != 0; });
+                           [](const auto& l) { return limiter_access::async_tasks_running(*l) != 0; });
     }
 
     // Whether the calling thread runs a blocking task of the manager's profiles (known exactly).
@@ -411,7 +411,7 @@ manager::~manager()
     }
     // No grace: queued tasks are aborted before this returns; running ones are asked to stop
     // (if they take a stop token) and finish on their threads, which are then joined.
-    for (auto& l : limiters) detail::close_limiter(*l);
+    for (auto& l : limiters) detail::limiter_access::close(*l);
     limiters.clear();
     state_->join_pools();
     // What that caused (the aborted tasks' completions) runs on the manager's own thread before
@@ -535,7 +535,7 @@ std::shared_ptr<limiter> manager::get_limiter(std::string_view profile_name, std
         u.lim = state_->make_limiter(p, state_->make_resource(d.limit, d.burst, p.config, p.name, std::string(user)));
         // Its user's cancel() aborts the user's queued tasks; closing it (and so dropping the
         // limit it keeps) is the manager's business, as for a shared profile.
-        detail::hand_to_user(*u.lim);
+        detail::limiter_access::hand_to_user(*u.lim);
     }
     u.last_used = now;
     return u.lim;
