@@ -4,15 +4,24 @@
 // room for 10,000 queued tasks (a full channel makes the submitter wait, as
 // queue_full_policy::wait does). Prints tasks per second for each of `-runs` runs.
 //
-//	go run bench/go_pool/main.go -runs 5
+// With -limiter (the shape govalve has), each worker calls x/time/rate's Wait on one shared
+// rate.Limiter before each task, at an unlimited rate: the cost of asking a limiter, as valve's
+// shared limiter with an unlimited resource pays it. It builds in GOPATH mode, offline, against
+// Debian's golang-golang-x-time-dev (bench/compare_go.sh runs it beside bench_limiter):
+//
+//	GOPATH=/usr/share/gocode GO111MODULE=off go run bench/go_pool/main.go -runs 5
+//	GOPATH=/usr/share/gocode GO111MODULE=off go run bench/go_pool/main.go -limiter -runs 5
 package main
 
 import (
+	"context"
 	"flag"
 	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/time/rate"
 )
 
 func main() {
@@ -21,16 +30,28 @@ func main() {
 	submitters := flag.Int("submitters", 4, "submitting goroutines")
 	workers := flag.Int("workers", 2, "worker goroutines")
 	capacity := flag.Int("capacity", 10000, "queued tasks at most")
+	limited := flag.Bool("limiter", false, "each worker waits on a shared x/time/rate limiter (unlimited rate) before each task")
 	flag.Parse()
+	name := "go pool"
+	if *limited {
+		name = "go pool with x/time/rate"
+	}
 
 	for r := 0; r < *runs; r++ {
 		queue := make(chan func(), *capacity)
+		lim := rate.NewLimiter(rate.Inf, 0)
+		ctx := context.Background()
 		var done atomic.Int64
 		var finished sync.WaitGroup
 		finished.Add(*tasks)
 		for w := 0; w < *workers; w++ {
 			go func() {
 				for task := range queue {
+					if *limited {
+						if err := lim.Wait(ctx); err != nil {
+							panic(err)
+						}
+					}
 					task()
 					finished.Done()
 				}
@@ -54,7 +75,7 @@ func main() {
 		if done.Load() != int64(*tasks) {
 			panic("lost tasks")
 		}
-		fmt.Printf("go pool: %d tasks in %v: %.2f M tasks/s\n", *tasks, elapsed.Round(time.Millisecond),
+		fmt.Printf("%s: %d tasks in %v: %.2f M tasks/s\n", name, *tasks, elapsed.Round(time.Millisecond),
 			float64(*tasks)/elapsed.Seconds()/1e6)
 	}
 }
