@@ -44,7 +44,7 @@ void append_command(std::string& out, std::initializer_list<std::string_view> pr
     }
     // The sds formatter writes the numbers with hiredis's own code; redisFormatCommandArgv
     // calls sprintf once per argument, a fifth of the client's time at 64 calls in flight.
-    sds formatted = nullptr;
+    char* formatted = nullptr; // an sds: `char*` under the name every hiredis version gives it
     const int n = redisFormatSdsCommandArgv(&formatted, static_cast<int>(count), argv, lens);
     if (n < 0 || formatted == nullptr) throw std::bad_alloc();
     out.append(formatted, static_cast<std::size_t>(n));
