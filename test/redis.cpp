@@ -322,6 +322,11 @@ TEST(redis_script, a_rate_change_reads_the_old_fraction_rounded_up_in_the_new_on
         got = run_script(redis, limits(whole), 1000, {{1, 0}}, now); // all given back first
         EXPECT_EQ(got.waits, (std::vector<std::int64_t>{0}));
         EXPECT_EQ(exec(redis, {"GET", key}).str, std::to_string(now + 500));
+        // The state as the first script wrote it, "us:0:d", reads the same.
+        exec(redis, {"SET", key, std::to_string(now + 500) + ":0:1"});
+        got = run_script(redis, limits(whole), 0, {{1, 0}}, now);
+        EXPECT_EQ(got.waits, (std::vector<std::int64_t>{-1 - 500}));
+        EXPECT_EQ(got.free_us, 0); // its one token is the one taken
     }
 }
 
@@ -769,6 +774,25 @@ TEST(redis_bucket, a_stock_nobody_uses_goes_back_to_redis_when_it_expires)
     EXPECT_EQ(s.a.stats().calls, 2u); // the stock, then the give-back
     exec(s.redis, {"PING"});          // after the give-back, on the same connection
     EXPECT_EQ(take_all_now(s.b), 6);
+}
+
+// A failed stock ask is not repeated at once, but a long hold does not turn the stock off:
+// it is asked again within a second.
+TEST(redis_bucket, a_failed_stock_ask_is_asked_again_within_a_second_whatever_the_hold)
+{
+    redis_server server;
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url()};
+    ASSERT_FALSE(connect(redis)) << redis.last_error();
+    valve::redis_bucket b{redis, "wrong", valve::rate::per(10, 1h), 10, {.stock = 4, .stock_hold = 1h}};
+    // A key of another type makes the script fail (WRONGTYPE): the stock ask fails.
+    exec(redis, {"HSET", "valve:{wrong}:0", "f", "v"});
+    EXPECT_FALSE(b.try_acquire());
+    ASSERT_TRUE(eventually([&] { return b.stats().calls >= 1; }));
+    exec(redis, {"DEL", "valve:{wrong}:0"});
+    const auto t0 = std::chrono::steady_clock::now();
+    EXPECT_TRUE(eventually([&] { return b.try_acquire(); })) << "the stock stays off after a failure";
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, 3s); // 1 s at most, and slack for a slow machine
 }
 
 TEST(redis_bucket, a_stock_is_given_back_when_the_bucket_goes)

@@ -101,7 +101,8 @@ inline instances_option instances(std::size_t count) { return {count}; }
 /// for waiters refills it. The price is said in the stock's own terms: every token used was
 /// taken at most `hold` earlier, so the fleet may get up to rate x hold more tokens in a window
 /// than the limit allows (and no more than the stocks hold). `tokens` above what one call
-/// takes (64 for Redis) or a `hold` that is not positive is refused at `register_profile`.
+/// takes (64 for Redis), or some tokens with a `hold` that is not positive, is refused at
+/// `register_profile`; 0 tokens is no stock.
 struct store_stock_option {
     std::size_t tokens;
     std::chrono::nanoseconds hold;

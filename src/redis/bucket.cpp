@@ -391,9 +391,11 @@ private:
                         l->error("valve: redis {}: valve's script failed: {}", conn_->where(),
                                  reply.type == redis_reply::kind::error ? reply.str : "a reply of another shape");
                 }
-                // No stock asks until a while later: a failing Redis is not asked again and again.
+                // No stock asks until a while later (the hold, from 10 ms to 1 s): a failing Redis
+                // is not asked again and again, and a long hold does not turn the stock off.
                 if (stock_asked_ > 0)
-                    stock_retry_at_ = detail::saturating_add(now, std::max(stock_hold_, std::chrono::nanoseconds(10'000'000)));
+                    stock_retry_at_ = now + std::clamp(stock_hold_, std::chrono::nanoseconds(10'000'000),
+                                                       std::chrono::nanoseconds(1'000'000'000));
                 // Their fate in Redis is unknown: what they may have taken stays taken.
                 for (auto& w : asking_)
                     if (w.handler) settle(lock, std::move(w), failure);
