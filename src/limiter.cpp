@@ -201,6 +201,7 @@ public:
                 ec = errc::shutting_down;
             } else if (may_start_now()) {
                 running_.fetch_add(1);
+                running_async_.fetch_add(1, std::memory_order_relaxed); // until its permit is released
                 last_progress_.store(pending_->now.time_since_epoch().count(), std::memory_order_relaxed);
                 entered = true;
             } else {
@@ -925,12 +926,12 @@ permit limiter::try_enter()
     return try_enter(ec);
 }
 
-permit::permit(std::shared_ptr<detail::limiter_core> core, std::uint64_t id, bool queued) noexcept
-    : core_(std::move(core)), id_(id), queued_(queued)
+permit::permit(std::shared_ptr<detail::limiter_core> core, std::uint64_t id) noexcept
+    : core_(std::move(core)), id_(id)
 {
 }
 
-permit::permit(permit&& other) noexcept : core_(std::move(other.core_)), id_(other.id_), queued_(other.queued_) {}
+permit::permit(permit&& other) noexcept : core_(std::move(other.core_)), id_(other.id_) {}
 
 permit& permit::operator=(permit&& other) noexcept
 {
@@ -938,7 +939,6 @@ permit& permit::operator=(permit&& other) noexcept
         release();
         core_ = std::move(other.core_);
         id_ = other.id_;
-        queued_ = other.queued_;
     }
     return *this;
 }
@@ -948,16 +948,21 @@ permit::~permit() { release(); }
 void permit::release(bool failed) noexcept
 {
     if (auto core = std::move(core_)) {
-        if (queued_) core->async_finished();
+        core->async_finished();
         core->finished(id_, failed ? detail::task_outcome::threw : detail::task_outcome::ran);
     }
 }
 
 namespace detail {
 
-permit limiter_access::make_permit(limiter_core& core, std::uint64_t id)
+permit limiter_access::make_permit(limiter_core& core, std::uint64_t id) { return permit{core.shared_from_this(), id}; }
+
+void limiter_access::release_cancelled(permit& p) noexcept
 {
-    return permit{core.shared_from_this(), id, true};
+    if (auto core = std::move(p.core_)) {
+        core->async_finished();
+        core->finished(p.id_, task_outcome::cancelled); // its token goes back, unused
+    }
 }
 
 } // namespace detail

@@ -1128,6 +1128,32 @@ TEST(limiter, async_enter_waits_its_turn_and_completes_with_a_permit_that_holds_
     pool.join();
 }
 
+TEST(limiter, async_enter_cancelled_after_the_limiter_let_it_start_gives_its_slot_and_token_back)
+{
+    asio::io_context ioc;
+    auto work = asio::make_work_guard(ioc);
+    asio::thread_pool pool{1};
+    // One token, and a rate too slow to refill during the test.
+    auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::per(1, 1h), 1);
+    auto lim = std::make_shared<limiter>(ioc.get_executor(), limits, limiter_options{.concurrency = 1},
+                                         pool.get_executor());
+    asio::cancellation_signal signal;
+    entered e;
+    lim->async_enter(asio::bind_cancellation_slot(signal.slot(), e.handler()));
+    // A slot and the token were free: the limiter let it start, and its completion is on its way.
+    EXPECT_EQ(lim->running(), 1u);
+    EXPECT_FALSE(e.done);
+    signal.emit(asio::cancellation_type::terminal);
+    ioc.poll();
+    ASSERT_TRUE(e.done);
+    EXPECT_EQ(e.ec, asio::error::operation_aborted);
+    EXPECT_FALSE(e.p);
+    EXPECT_EQ(lim->running(), 0u);
+    EXPECT_EQ(lim->stats().cancelled, 1u);
+    EXPECT_TRUE(lim->try_enter()) << "the token was not given back";
+    pool.join();
+}
+
 TEST(limiter, async_enter_is_refused_when_the_queue_is_full_cancelled_per_operation_and_aborted_by_shutdown)
 {
     asio::io_context ioc;
@@ -1163,7 +1189,7 @@ TEST(limiter, async_enter_is_refused_when_the_queue_is_full_cancelled_per_operat
     bool shut = false;
     lim->async_shutdown(0ms, [&](error_code) { shut = true; });
     lim->async_enter(late.handler());
-    ioc.poll();
+    for (int i = 0; i < 1000 && !(aborted.done && late.done); ++i) ioc.run_one_for(10ms); // the grace's timer
     ASSERT_TRUE(aborted.done);
     EXPECT_EQ(aborted.ec, asio::error::operation_aborted);
     ASSERT_TRUE(late.done);
@@ -1184,6 +1210,7 @@ TEST(limiter, async_enter_takes_any_completion_token_and_waits_for_a_token_of_th
     auto limits = std::make_shared<valve::bucket_resource>(ioc.get_executor(), rate::per(1, 1h), 1);
     auto lim = std::make_shared<limiter>(ioc.get_executor(), limits, limiter_options{.concurrency = 4},
                                          pool.get_executor());
+    asio::cancellation_signal signal;
     std::optional<error_code> second_ec;
     asio::co_spawn(
         ioc,
@@ -1191,18 +1218,22 @@ TEST(limiter, async_enter_takes_any_completion_token_and_waits_for_a_token_of_th
             valve::permit p = co_await lim->async_enter(asio::use_awaitable);
             EXPECT_TRUE(p);
             p.release();
-            // No token left: this waits, until the timer below cancels it.
-            auto [ec, none] = co_await lim->async_enter(asio::as_tuple(asio::use_awaitable));
+            // No token left: this waits, until it is cancelled below.
+            auto [ec, none] =
+                co_await lim->async_enter(asio::bind_cancellation_slot(signal.slot(), asio::as_tuple(asio::use_awaitable)));
             second_ec = ec;
             EXPECT_FALSE(none);
         },
         asio::detached);
-    asio::steady_timer stop{ioc, 50ms};
-    stop.async_wait([&](error_code) { lim->cancel(); });
+    // Run until the second entry waits for its token (nothing else can make it go on).
+    for (int i = 0; i < 1000 && lim->stats().completed == 0; ++i) ioc.run_one_for(10ms);
+    for (int i = 0; i < 100 && !second_ec; ++i) ioc.poll();
+    EXPECT_FALSE(second_ec.has_value()) << "an entry with no token left was let in";
+    EXPECT_EQ(lim->stats().completed, 1u);
+    signal.emit(asio::cancellation_type::terminal);
     ioc.run();
     ASSERT_TRUE(second_ec.has_value());
     EXPECT_EQ(*second_ec, asio::error::operation_aborted);
-    EXPECT_EQ(lim->stats().completed, 1u);
     pool.join();
 }
 

@@ -706,40 +706,48 @@ TEST(manager, shutdown_from_inside_an_async_task_is_an_error_not_a_hang)
     other_runner.join();
 }
 
-// A permit from async_enter counts as an async task: a blocking shutdown called while holding
-// one would wait for it forever.
-TEST(manager, shutdown_while_holding_an_async_enter_permit_is_an_error_not_a_hang)
+// A permit (from async_enter or try_enter) counts as an async task: a blocking shutdown called
+// while holding one would wait for it forever.
+TEST(manager, shutdown_while_holding_a_permit_is_an_error_not_a_hang)
 {
-    asio::io_context ioc;
-    auto work = asio::make_work_guard(ioc);
-    std::thread runner{[&] { ioc.run(); }};
-    asio::io_context other; // where the coroutine holding the permit runs
-    auto other_work = asio::make_work_guard(other);
-    std::thread other_runner{[&] { other.run(); }};
-    {
-        valve::manager mgr{ioc.get_executor()};
-        mgr.register_profile("p", valve::shared_resource("k", rate::unlimited()), valve::worker_pool(2, 10));
-        auto l = mgr.get_limiter("p", "u");
-        std::promise<error_code> from_holder;
-        asio::co_spawn(
-            other,
-            [&]() -> asio::awaitable<error_code> {
-                valve::permit held = co_await l->async_enter(asio::use_awaitable);
-                co_return thrown_by([&] { mgr.shutdown(1s); });
-            },
-            [&](std::exception_ptr e, error_code ec) {
-                EXPECT_FALSE(e);
-                from_holder.set_value(ec);
-            });
-        auto holder = from_holder.get_future();
-        ASSERT_EQ(holder.wait_for(10s), std::future_status::ready) << "shutdown while holding a permit hangs";
-        EXPECT_EQ(holder.get(), valve::errc::invalid_argument);
-        mgr.shutdown(1s); // the permit was released with its coroutine: from outside, it works
+    for (const bool queued : {true, false}) {
+        SCOPED_TRACE(queued ? "async_enter" : "try_enter");
+        asio::io_context ioc;
+        auto work = asio::make_work_guard(ioc);
+        std::thread runner{[&] { ioc.run(); }};
+        asio::io_context other; // where the coroutine holding the permit runs
+        auto other_work = asio::make_work_guard(other);
+        std::thread other_runner{[&] { other.run(); }};
+        {
+            valve::manager mgr{ioc.get_executor()};
+            mgr.register_profile("p", valve::shared_resource("k", rate::unlimited()), valve::worker_pool(2, 10));
+            auto l = mgr.get_limiter("p", "u");
+            std::promise<error_code> from_holder;
+            asio::co_spawn(
+                other,
+                [&]() -> asio::awaitable<error_code> {
+                    valve::permit held;
+                    if (queued) // (not `?:`: GCC 12 mishandles a co_await in a conditional expression)
+                        held = co_await l->async_enter(asio::use_awaitable);
+                    else
+                        held = l->try_enter();
+                    EXPECT_TRUE(held);
+                    co_return thrown_by([&] { mgr.shutdown(1s); });
+                },
+                [&](std::exception_ptr e, error_code ec) {
+                    EXPECT_FALSE(e);
+                    from_holder.set_value(ec);
+                });
+            auto holder = from_holder.get_future();
+            ASSERT_EQ(holder.wait_for(10s), std::future_status::ready) << "shutdown while holding a permit hangs";
+            EXPECT_EQ(holder.get(), valve::errc::invalid_argument);
+            mgr.shutdown(1s); // the permit was released with its coroutine: from outside, it works
+        }
+        work.reset();
+        other_work.reset();
+        runner.join();
+        other_runner.join();
     }
-    work.reset();
-    other_work.reset();
-    runner.join();
-    other_runner.join();
 }
 
 TEST(manager, shutdown_from_inside_a_task_of_a_manager_with_its_own_thread_is_an_error)

@@ -252,8 +252,9 @@ public:
     /// thread), where it could only hang: use `async_shutdown` there. (An `io_context` never
     /// run, and not running, is not detected.) The same from inside one of the manager's tasks,
     /// which the shutdown would wait for while it waits for the shutdown: a blocking task on a
-    /// profile's threads, or, while any async task of the manager runs, any handler of an Asio
-    /// event loop (an `io_context`'s or a `thread_pool`'s: the caller may be that task).
+    /// profile's threads, or, while any async task of the manager runs or any `permit` of its
+    /// limiters is held, any handler of an Asio event loop (an `io_context`'s or a
+    /// `thread_pool`'s: the caller may be that task, or the permit's holder).
     void shutdown(std::chrono::nanoseconds grace = std::chrono::seconds(30));
 
 private:

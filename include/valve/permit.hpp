@@ -13,8 +13,10 @@ struct limiter_access;
 
 /// A place in a limiter, for work its holder does itself (`limiter::try_enter`,
 /// `limiter::async_enter`): one of its concurrency slots, held until the permit is released or
-/// destroyed, and the one token it took. An empty permit holds nothing. Move-only; not
-/// thread-safe itself (one owner at a time).
+/// destroyed, and the one token it took. While it is held it counts as an async task of the
+/// limiter (a blocking `manager::shutdown` from an event loop's handler is refused meanwhile:
+/// its holder may be that handler). An empty permit holds nothing. Move-only; not thread-safe
+/// itself (one owner at a time).
 class permit {
 public:
     permit() noexcept = default;
@@ -32,11 +34,10 @@ public:
 private:
     friend class limiter;
     friend struct detail::limiter_access;
-    permit(std::shared_ptr<detail::limiter_core> core, std::uint64_t id, bool queued = false) noexcept;
+    permit(std::shared_ptr<detail::limiter_core> core, std::uint64_t id) noexcept;
 
     std::shared_ptr<detail::limiter_core> core_;
     std::uint64_t id_ = 0;
-    bool queued_ = false; // from async_enter: counted as an async task until released
 };
 
 } // namespace valve

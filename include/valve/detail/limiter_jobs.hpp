@@ -19,6 +19,7 @@
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/dispatch.hpp>
+#include <boost/asio/error.hpp>
 #include <boost/asio/execution/outstanding_work.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/prefer.hpp>
@@ -59,9 +60,10 @@ struct limiter_access {
     static void hand_to_user(limiter& l) noexcept;
     /// Refuses new tasks, aborts queued ones and asks running ones to stop, through any handle.
     static void close(limiter& l);
-    /// The permit of an `async_enter` the limiter let start: it counts as an async task until
-    /// released.
+    /// The permit of an `async_enter` the limiter let start.
     static permit make_permit(limiter_core& core, std::uint64_t id);
+    /// Ends `p` as cancelled before its holder had it: its token goes back, unused.
+    static void release_cancelled(permit& p) noexcept;
 };
 
 
@@ -588,14 +590,35 @@ public:
     void run(std::unique_ptr<job_base> self, limiter_core& core) override
     {
         std::unique_ptr<entry_ticket> owned{static_cast<entry_ticket*>(self.release())};
-        // Posted, never inline: this may be the call that initiated the wait.
-        this->deliver(boost::system::error_code{}, limiter_access::make_permit(core, this->id));
+        // Posted, never inline: this may be the call that initiated the wait. A cancellation
+        // that comes after the limiter let the entry start, but before its caller hears of it,
+        // ends it as cancelled (its token goes back), as a task that has not begun.
+        auto ex = this->executor(); // before the handler moves
+        boost::asio::post(ex, [h = std::move(this->handler_), p = limiter_access::make_permit(core, this->id),
+                               late = std::move(late_)]() mutable {
+            if (late && late->requested.load() != 0) {
+                limiter_access::release_cancelled(p);
+                std::move(h)(boost::system::error_code{boost::asio::error::operation_aborted}, permit{});
+            } else {
+                std::move(h)(boost::system::error_code{}, std::move(p));
+            }
+        });
     }
 
     bool execute() override { return false; } // never called: the caller does the work
     bool blocking() const noexcept override { return false; }
 
     void abort(boost::system::error_code ec) override { this->deliver(ec, permit{}); }
+
+    // The limiter's cancellation handler notes here what the caller asked after the start.
+    std::shared_ptr<task_cancellation> forward_cancellation() override
+    {
+        if (!late_) late_ = std::make_shared<task_cancellation>();
+        return late_;
+    }
+
+private:
+    std::shared_ptr<task_cancellation> late_;
 };
 
 // The initiations of limiter's asynchronous operations.
