@@ -196,7 +196,18 @@ public:
 
     mutable std::mutex mutex;
     std::map<std::string, std::unique_ptr<profile>, std::less<>> profiles;
-    std::map<std::string, std::pair<shared_resource_option, std::shared_ptr<resource>>, std::less<>> resources;
+    // Shared keys: the limits registered under each, with the store options they were made
+    // with (another profile shares a key only with the same limits and the same options).
+    struct shared_key {
+        shared_resource_option option;
+        std::shared_ptr<resource> limits;
+        std::shared_ptr<store> stored_in;
+        store_failure on_failure = store_failure::fail_closed;
+        std::size_t instances = 1;
+        std::size_t stock = 0;
+        std::chrono::nanoseconds stock_hold{0};
+    };
+    std::map<std::string, shared_key, std::less<>> resources;
     bool shutting_down = false;
     std::chrono::nanoseconds sweep_every = std::chrono::nanoseconds::max();
     std::chrono::steady_clock::time_point last_sweep{};
@@ -489,18 +500,39 @@ void manager::register_profile(std::string name, detail::profile_config config)
     }
     if (config.shared) {
         const auto& key = config.shared->key;
+        const detail::manager_state::shared_key wanted{
+            *config.shared,
+            nullptr,
+            config.stored_in,
+            config.on_failure.value_or(store_failure::fail_closed),
+            config.instances.value_or(1),
+            config.stock ? config.stock->tokens : 0,
+            config.stock ? config.stock->hold : std::chrono::nanoseconds{0}};
         auto found = state_->resources.find(key);
         if (found != state_->resources.end()) {
-            const auto& known = found->second.first;
-            if (!(known.limit == config.shared->limit) || known.burst != config.shared->burst || !config.also.empty())
+            const auto& known = found->second;
+            if (!(known.option.limit == config.shared->limit) || known.option.burst != config.shared->burst ||
+                !config.also.empty())
                 throw_error(errc::invalid_argument,
                             where + ": shared_resource \"" + key + "\" is already registered as " +
-                                to_string(known.limit) + ", burst " + std::to_string(known.burst) +
+                                to_string(known.option.limit) + ", burst " + std::to_string(known.option.burst) +
                                 "; give the same limits and no also_limit to share it, or use another key");
-            p->shared_limits = found->second.second;
+            // Sharing a key with another store (or none), policy or stock would silently keep the
+            // first profile's: a limit asked to be fleet-wide could stay in this process.
+            if (known.stored_in != wanted.stored_in || known.on_failure != wanted.on_failure ||
+                known.instances != wanted.instances || known.stock != wanted.stock ||
+                known.stock_hold != wanted.stock_hold)
+                throw_error(errc::invalid_argument,
+                            where + ": shared_resource \"" + key + "\" is already registered " +
+                                (known.stored_in ? "stored in a store" : "in this process") +
+                                " with other store options (stored_in, on_store_failure, instances, store_stock); "
+                                "give the same ones to share it, or use another key");
+            p->shared_limits = known.limits;
         } else {
             p->shared_limits = state_->make_resource(config.shared->limit, config.shared->burst, config, key);
-            state_->resources.emplace(key, std::make_pair(*config.shared, p->shared_limits));
+            auto entry = wanted;
+            entry.limits = p->shared_limits;
+            state_->resources.emplace(key, std::move(entry));
         }
         p->shared_limiter = state_->make_limiter(*p, p->shared_limits);
     }

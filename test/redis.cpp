@@ -1322,6 +1322,43 @@ TEST(redis_profile, a_stock_redis_cannot_keep_is_refused_at_registration)
                                        valve::stored_in(redis), valve::store_stock(8, std::chrono::hours::max())));
 }
 
+// Two profiles share a key only with the same store options: else the second would silently
+// keep the first one's (a limit asked to be fleet-wide could stay in this process).
+TEST(redis_profile, a_shared_key_is_shared_only_with_the_same_store_options)
+{
+    running_context ctx;
+    valve::redis_connection redis{ctx.ioc.get_executor(), "redis://127.0.0.1:1"};
+    valve::manager m{ctx.ioc.get_executor()};
+    const auto r = valve::rate::per_second(10);
+    m.register_profile("local", valve::shared_resource("key", r, 10));
+    auto message_of = [&](const std::string& name, auto... options) -> std::string {
+        try {
+            m.register_profile(name, valve::shared_resource("key", r, 10), options...);
+        } catch (const valve::error& e) {
+            EXPECT_EQ(e.code(), valve::errc::invalid_argument);
+            return e.what();
+        }
+        return "no error";
+    };
+    EXPECT_NE(message_of("fleet", valve::stored_in(redis)).find("store options"), std::string::npos);
+    EXPECT_EQ(m.limiter_count("fleet"), 0u) << "not registered";
+    m.register_profile("stored", valve::shared_resource("key2", r, 10), valve::stored_in(redis));
+    auto again = [&](const std::string& name, auto... options) -> std::string {
+        try {
+            m.register_profile(name, valve::shared_resource("key2", r, 10), options...);
+        } catch (const valve::error& e) {
+            return e.what();
+        }
+        return "no error";
+    };
+    EXPECT_NE(again("plain"), "no error") << "a local profile on a key held in Redis";
+    EXPECT_NE(again("open", valve::stored_in(redis), valve::on_store_failure(valve::store_failure::fail_open)),
+              "no error");
+    EXPECT_NE(again("stock", valve::stored_in(redis), valve::store_stock(4)), "no error");
+    EXPECT_EQ(again("same", valve::stored_in(redis)), "no error") << "the same options share the key";
+    EXPECT_EQ(again("same-local", valve::stored_in(redis)), "no error");
+}
+
 // ---- a fleet of OS processes -----------------------------------------------------------------
 
 namespace {

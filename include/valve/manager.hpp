@@ -21,7 +21,7 @@
 namespace valve {
 
 /// Profile option: all users of the profile share one resource, named `key`; profiles naming
-/// the same key share that one resource.
+/// the same key share that one resource (they must give it the same limits and store options).
 struct shared_resource_option {
     std::string key;
     rate limit;
@@ -179,9 +179,9 @@ public:
     /// Registers a profile. Throws `valve::error`: `errc::duplicate_profile` for a name already
     /// registered; `errc::invalid_argument` for an empty name, options that do not fit together
     /// (neither or both of a shared and a dedicated resource, an option given twice, an idle
-    /// timeout on a shared profile, a resource key already registered with other limits), zero
-    /// concurrency, a zero-capacity queue with `queue_full_policy::wait`, or an invalid rate or
-    /// burst.
+    /// timeout on a shared profile, a resource key already registered with other limits or other
+    /// store options), zero concurrency, a zero-capacity queue with `queue_full_policy::wait`,
+    /// or an invalid rate or burst.
     template <class... Options>
     void register_profile(std::string name, Options&&... options)
     {
