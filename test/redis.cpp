@@ -812,6 +812,32 @@ TEST(redis_bucket, a_stock_is_given_back_when_the_bucket_goes)
     EXPECT_EQ(take_all_now(b), 6);
 }
 
+// The same when the bucket goes while its stock call is in flight: the reply finds the bucket
+// gone, and what Redis granted in it goes back.
+TEST(redis_bucket, a_stock_call_in_flight_when_the_bucket_goes_is_given_back)
+{
+    redis_server server;
+    running_context ctx;
+    // Replies held up for 300 ms below: a reply timeout well beyond it.
+    valve::redis_connection redis{ctx.ioc.get_executor(), server.url(), {.reply_timeout = 5000ms}};
+    valve::redis_connection other{ctx.ioc.get_executor(), server.url(), {.reply_timeout = 5000ms}};
+    ASSERT_FALSE(connect(redis)) << redis.last_error();
+    ASSERT_FALSE(connect(other)) << other.last_error();
+    const auto per_hour = valve::rate::per(1, 1h);
+    const auto answered = redis.stats().commands;
+    {
+        valve::redis_bucket a{redis, "in-flight", per_hour, 6, {.stock = 4, .stock_hold = 10min}};
+        exec(other, {"CLIENT", "PAUSE", "300", "ALL"}); // Redis runs no command for 300 ms
+        EXPECT_FALSE(a.try_acquire());                   // asks for the stock: a call now in flight
+        ASSERT_TRUE(eventually([&] { return a.stats().calls == 1; }));
+    } // the bucket goes; its call is answered after the pause
+    // The stock call, then the give-back of its four tokens.
+    EXPECT_TRUE(eventually([&] { return redis.stats().commands >= answered + 2; }))
+        << "the stock taken by the call in flight was not given back";
+    valve::redis_bucket b{other, "in-flight", per_hour, 6};
+    EXPECT_EQ(take_all_now(b), 6);
+}
+
 TEST(redis_bucket, available_and_next_available_are_estimates_from_the_last_reply)
 {
     redis_server server;

@@ -52,7 +52,7 @@ public:
                  std::vector<store_limit> given, store_failure policy, std::size_t instances, std::size_t batch,
                  std::size_t stock, std::chrono::nanoseconds stock_hold)
         : conn_(std::move(conn)),
-          limits_(std::move(limits)),
+          limits_(std::make_shared<const std::vector<gcra_limit>>(std::move(limits))),
           given_(std::move(given)),
           policy_(policy),
           instances_(instances),
@@ -158,7 +158,9 @@ public:
     {
         const auto interval = gcra_interval_of(r, given_.front().burst, "redis_bucket::set_rate");
         std::lock_guard lock{mutex_};
-        limits_.front().interval = interval;
+        auto changed = std::make_shared<std::vector<gcra_limit>>(*limits_); // calls in flight keep theirs
+        changed->front().interval = interval;
+        limits_ = std::move(changed);
         given_.front().limit = r;
         if (fallback_) fallback_->set_rate(local_rate(r));
     }
@@ -194,7 +196,7 @@ public:
             give_back_ = 0;
             stock_.clear();
             stock_count_ = 0;
-            if (give > 0) args = gcra_args(limits_, give, {});
+            if (give > 0) args = gcra_args(*limits_, give, {});
             for (auto& l : local_) l.signal.emit(asio::cancellation_type::terminal);
         }
         for (auto& w : done) post(std::move(w.handler), asio::error::operation_aborted);
@@ -248,7 +250,7 @@ private:
 
     double interval_ns() const
     {
-        const auto& i = limits_.front().interval;
+        const auto& i = limits_->front().interval;
         return (static_cast<double>(i.q) + static_cast<double>(i.r) / static_cast<double>(i.d)) * 1000.0;
     }
 
@@ -361,13 +363,33 @@ private:
         if (give > 0) given_back_.fetch_add(give, std::memory_order_relaxed);
         in_flight_ = true;
         calls_.fetch_add(1, std::memory_order_relaxed);
-        conn_->exec(gcra_args(limits_, give, asks), &gcra_script(),
+        auto args = gcra_args(*limits_, give, asks);
+        conn_->exec(std::move(args), &gcra_script(),
                     // Held by the connection while in flight: weakly, so that the two never keep
                     // each other alive (the limits' destructor aborts its waiters).
-                    redis_exec_handler([weak = weak_from_this(), count = asks.size()](error_code ec, redis_reply r) {
-                        if (auto self = weak.lock()) self->on_reply(ec, r, count);
+                    redis_exec_handler([weak = weak_from_this(), conn = std::weak_ptr<redis_connection_impl>(conn_),
+                                        limits = limits_, asks = std::move(asks)](error_code ec, redis_reply r) {
+                        if (auto self = weak.lock()) return self->on_reply(ec, r, asks.size());
+                        give_back_orphaned(conn, *limits, asks, ec, r);
                     }),
                     true);
+    }
+
+    // The limits were destroyed while a call was in flight: what Redis granted in it (slots of
+    // the waiters their close() aborted, tokens for the stock) goes back, as close() gives back
+    // what the limits held. A call that failed took what it took.
+    static void give_back_orphaned(const std::weak_ptr<redis_connection_impl>& conn, const std::vector<gcra_limit>& limits,
+                                   const std::vector<gcra_ask>& asks, error_code ec, const redis_reply& reply)
+    {
+        if (ec) return;
+        const auto result = gcra_parse(reply, asks.size());
+        if (!result) return;
+        std::uint64_t give = 0;
+        for (std::size_t i = 0; i < asks.size(); ++i)
+            if (result->waits[i] >= 0) give += asks[i].n;
+        if (give == 0) return;
+        if (auto c = conn.lock())
+            c->exec(gcra_args(limits, give, {}), &gcra_script(), redis_exec_handler([](error_code, redis_reply) {}));
     }
 
     void on_reply(error_code ec, const redis_reply& reply, std::size_t count)
@@ -440,7 +462,7 @@ private:
                 kick(lock);
             } else if (give_back_ > 0) { // slots granted after close() to waiters it aborted
                 given_back_.fetch_add(give_back_, std::memory_order_relaxed);
-                conn_->exec(gcra_args(limits_, std::exchange(give_back_, 0), {}), &gcra_script(),
+                conn_->exec(gcra_args(*limits_, std::exchange(give_back_, 0), {}), &gcra_script(),
                             redis_exec_handler([](error_code, redis_reply) {}));
             }
         }
@@ -567,7 +589,7 @@ private:
     }
 
     std::shared_ptr<redis_connection_impl> conn_;
-    std::vector<gcra_limit> limits_;
+    std::shared_ptr<const std::vector<gcra_limit>> limits_; // replaced, not changed: see set_rate
     std::vector<store_limit> given_;
     store_failure policy_;
     std::size_t instances_;
